@@ -1,0 +1,187 @@
+"""The codec interface.
+
+A codec turns cached vectors ``[..., T, d]`` (any leading dims, then tokens, then head dim)
+into a :class:`Packed` fixed-rate representation and back. Codecs see the token axis because
+some (KIVI's per-channel keys) group over tokens and keep a recent window in full precision;
+token-wise codecs simply treat it as one more batch dim.
+
+Contract, tested for every registered codec:
+- ``decode(encode(x))`` has ``x``'s shape; ``decode_tokens(p, idx)`` equals ``decode(p)[..., idx, :]``
+  without decoding the other tokens (random access);
+- ``packed.nbytes()`` sums every tensor held (codes, scales, zero-points, norms, windows);
+  ``codec.shared_nbytes(d)`` is what is held once per cache (codebooks, rotations);
+- input is validated: floating dtype, finite, on a supported device, a head dim the codec can split.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+
+from ..core.bytes import fp16_nbytes, tensor_nbytes
+from ..core.errors import InputError
+from ..core.registry import Registry
+from ..core.spec import SpecConfig, format_config
+
+__all__ = ["CODECS", "Codec", "CodecConfig", "Packed", "Role", "make_codec", "register_codec"]
+
+Role = Literal["key", "value"]
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class CodecConfig(SpecConfig):
+    """Base of codec configs. Subclasses are frozen dataclasses validated in ``__post_init__``."""
+
+    name: ClassVar[str] = ""
+
+    def __str__(self) -> str:
+        return format_config(self)
+
+
+@dataclass
+class Packed:
+    """A packed representation: named tensors plus the shape needed to decode them.
+
+    ``tensors`` holds everything the representation keeps; nothing else is needed to decode
+    except the codec's shared state (codebook, rotation), counted by ``Codec.shared_nbytes``.
+    """
+
+    spec: str
+    role: Role
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.shape[-2]
+
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def nbytes(self) -> int:
+        """Bytes held by this representation (every tensor, padding included)."""
+        return tensor_nbytes(self.tensors.values())
+
+    def bits_per_element(self) -> float:
+        return self.nbytes() * 8 / max(self.numel(), 1)
+
+    def compression_ratio(self) -> float:
+        return fp16_nbytes(self.numel()) / max(self.nbytes(), 1)
+
+    def to(self, device: torch.device | str) -> Packed:
+        return Packed(
+            self.spec,
+            self.role,
+            self.shape,
+            self.dtype,
+            {k: v.to(device) for k, v in self.tensors.items()},
+            dict(self.meta),
+        )
+
+
+class Codec(ABC):
+    """Base codec. Subclasses implement ``_encode``/``_decode``/``_decode_tokens``."""
+
+    config: CodecConfig
+    devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
+
+    def __init__(self, config: CodecConfig) -> None:
+        self.config = config
+
+    @property
+    def spec(self) -> str:
+        return str(self.config)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec!r})"
+
+    # -- public API -------------------------------------------------------------------------
+    def check_dim(self, d: int) -> None:
+        """Raise :class:`InputError` if head dim ``d`` is unsupported (override to restrict)."""
+
+    def encode(self, x: torch.Tensor, role: Role = "key") -> Packed:
+        """Encode ``x`` of shape ``[..., T, d]``."""
+        self.validate(x)
+        if role not in ("key", "value"):
+            raise InputError(f"{self.spec}: role must be 'key' or 'value', got {role!r}")
+        return self._encode(x, role)
+
+    def decode(self, packed: Packed, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Decode every token: ``[..., T, d]`` in ``dtype`` (default: the encoded dtype)."""
+        out = self._decode(packed)
+        return out.to(dtype or packed.dtype)
+
+    def decode_tokens(
+        self, packed: Packed, index: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Decode only tokens ``index`` (1-D, along the token axis): ``[..., len(index), d]``."""
+        index = torch.as_tensor(index, dtype=torch.long, device=next(iter(packed.tensors.values())).device)
+        if index.dim() != 1:
+            raise InputError("decode_tokens: index must be 1-D")
+        t = packed.num_tokens
+        if index.numel() and (int(index.min()) < -t or int(index.max()) >= t):
+            raise InputError(f"decode_tokens: index out of range for {t} tokens")
+        index = torch.where(index < 0, index + t, index)
+        return self._decode_tokens(packed, index).to(dtype or packed.dtype)
+
+    def roundtrip(self, x: torch.Tensor, role: Role = "key") -> tuple[torch.Tensor, Packed]:
+        packed = self.encode(x, role)
+        return self.decode(packed), packed
+
+    def shared_nbytes(self, d: int) -> int:
+        """Bytes held once per cache for head dim ``d`` (codebooks, rotations)."""
+        return 0
+
+    def validate(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"{self.spec}: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in _FLOAT:
+            raise InputError(
+                f"{self.spec}: dtype {x.dtype} not supported; valid: float16, bfloat16, float32, float64"
+            )
+        if x.device.type not in self.devices:
+            raise InputError(
+                f"{self.spec}: device {x.device.type!r} not supported; valid: {', '.join(self.devices)}"
+            )
+        if x.dim() < 2:
+            raise InputError(f"{self.spec}: expected shape [..., T, d], got {tuple(x.shape)}")
+        if x.numel() and not bool(torch.isfinite(x).all()):
+            raise InputError(f"{self.spec}: input contains NaN or inf; only finite values can be encoded")
+        self.check_dim(x.shape[-1])
+
+    # -- to implement -----------------------------------------------------------------------
+    @abstractmethod
+    def _encode(self, x: torch.Tensor, role: Role) -> Packed: ...
+
+    @abstractmethod
+    def _decode(self, packed: Packed) -> torch.Tensor: ...
+
+    def _decode_tokens(self, packed: Packed, index: torch.Tensor) -> torch.Tensor:
+        """Default random access for token-wise layouts: gather rows of every per-token tensor."""
+        sub = Packed(
+            packed.spec,
+            packed.role,
+            (*packed.shape[:-2], index.numel(), packed.shape[-1]),
+            packed.dtype,
+            {k: v.index_select(len(packed.shape) - 2, index) for k, v in packed.tensors.items()},
+            dict(packed.meta),
+        )
+        return self._decode(sub)
+
+
+CODECS: Registry[Codec] = Registry("codec")
+register_codec = CODECS.register
+
+
+def make_codec(spec: str) -> Codec:
+    """Build a codec from its spec string, e.g. ``make_codec("kivi:b=2")``."""
+    return CODECS.build(spec)

@@ -1,0 +1,21 @@
+"""Shared fixtures. The real model loads once per session (it takes ~20 s on 2 cores)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def gaussian_kv(seed: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Gaussian vectors with a few outlier channels, like real keys."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g)
+    x[..., :2] *= 6.0
+    return x.to(dtype)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from kvshrink.models import load_model
+
+    return load_model("smollm2-135m")
