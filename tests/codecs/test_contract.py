@@ -58,7 +58,7 @@ def test_bad_tensors(spec: str) -> None:
 
 
 def test_unknown_codec_and_option() -> None:
-    with pytest.raises(SpecError, match="valid: .*int8"):
+    with pytest.raises(SpecError, match=r"valid: .*int8"):
         make_codec("int9")
     with pytest.raises(SpecError, match="valid options: b, group, residual"):
         make_codec("kivi:bits=2")
