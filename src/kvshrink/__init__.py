@@ -1,5 +1,21 @@
-"""kvshrink: compress the KV cache of transformer language models, with fidelity measured."""
+"""kvshrink: compress the KV cache of transformer language models, with fidelity measured.
 
+``import kvshrink`` is light: it pulls in no triton, redis or matplotlib and never touches CUDA.
+"""
+
+from . import codecs
 from ._version import __version__
+from .codecs import Codec, Packed, make_codec
+from .core import KvshrinkError, SpecError
+from .models import load_model
 
-__all__ = ["__version__"]
+__all__ = [
+    "Codec",
+    "KvshrinkError",
+    "Packed",
+    "SpecError",
+    "__version__",
+    "codecs",
+    "load_model",
+    "make_codec",
+]
