@@ -1,5 +1,6 @@
 """Core: specs, registries, errors, byte accounting, seeding. Imports nothing else of kvshrink."""
 
+from .atomic import atomic_write, atomic_write_with
 from .bytes import fp16_nbytes, tensor_nbytes
 from .errors import DataError, InputError, KvshrinkError, ModelError, SpecError
 from .registry import Registry
@@ -14,6 +15,8 @@ __all__ = [
     "Registry",
     "SpecConfig",
     "SpecError",
+    "atomic_write",
+    "atomic_write_with",
     "derive_seed",
     "format_config",
     "fp16_nbytes",
