@@ -64,7 +64,7 @@ def attention_fidelity(
 
     q ``[B, Hq, n, d]`` at positions ``q_pos`` ``[n]``; k, v, k_hat, v_hat ``[B, Hkv, T, d]``.
     """
-    b, hq, n, d = q.shape
+    b, hq = q.shape[0], q.shape[1]
     hkv, t = k.shape[1], k.shape[2]
     rep = hq // hkv
     q = q.double()
