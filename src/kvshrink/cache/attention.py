@@ -1,0 +1,128 @@
+"""Attention over chunks of keys with an online softmax, in plain PyTorch (flash-decoding style).
+
+The cache feeds keys chunk by chunk (decoded packed blocks, the full-precision window, the new
+tokens), so no more than one chunk of keys is ever in full precision at once. Queries are
+grouped per KV head (``[B, Hkv, g, Q, D]``), so GQA never repeats keys. All arithmetic is
+float32 whatever the model dtype; the running state per query row is the usual max ``m``,
+normaliser ``l`` and weighted sum ``acc``.
+
+Policies that need attention probabilities (SnapKV, H2O) get them here too, without eager
+attention: a single decode query keeps its masked logits (``N`` floats per head) and turns them
+into probabilities once the final ``m, l`` are known; several observed queries (a prompt) take
+a second pass over the chunks with the final ``m, l``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["OnlineSoftmax", "allowed_mask"]
+
+
+def allowed_mask(
+    kpos: torch.Tensor, qcols: torch.Tensor, sliding: int | None, pad2d: torch.Tensor | None
+) -> torch.Tensor:
+    """Which (query, key) pairs may attend: ``[B|1, Hkv|1, Q, T]`` bool.
+
+    ``kpos``: ``[B|1, Hkv|1, T]`` key columns (``-1`` = empty slot); ``qcols``: ``[Q]`` query
+    columns; ``sliding``: window of a sliding layer (HF rule ``kv > q - window``); ``pad2d``:
+    ``[B, L]`` bool 2-D attention mask, honoured for every key column it covers.
+    """
+    kp = kpos.long()[..., None, :]
+    qc = qcols[:, None]
+    ok = (kp >= 0) & (kp <= qc)
+    if sliding is not None:
+        ok &= kp > qc - sliding
+    if pad2d is not None:
+        idx = kpos.long().clamp_min(0)
+        if idx.shape[0] == 1:
+            valid = pad2d[:, idx[0]]  # [B, Hkv|1, T]
+        else:
+            b, h, t = idx.shape
+            valid = pad2d.gather(1, idx.reshape(b, h * t)).reshape(b, h, t)
+        ok = ok & valid[..., None, :]
+    return ok
+
+
+class OnlineSoftmax:
+    """Running softmax attention of ``q`` ``[B, H, Q, D]`` over key chunks ``[B, Hkv, T, D]``.
+
+    ``update`` folds one chunk into query rows ``[r0, r1)``; ``result`` gives ``[B, H, Q, Dv]``.
+    Rows that never saw an allowed key (left-padding queries) come out as zeros, not NaN, so
+    padded positions stay finite and can be packed like any other token.
+    """
+
+    def __init__(self, q: torch.Tensor, n_kv_heads: int, scaling: float, dv: int, capture: bool = False):
+        b, h, nq, d = q.shape
+        g = h // n_kv_heads
+        self.shape = (b, n_kv_heads, g, nq)
+        self.q = (q.float() * scaling).reshape(b, n_kv_heads, g, nq, d)
+        self.m = torch.full(self.shape, -math.inf, device=q.device)
+        self.l = torch.zeros(self.shape, device=q.device)
+        self.acc = torch.zeros(*self.shape, dv, device=q.device)
+        self.capture = capture
+        self._logits: list[torch.Tensor] = []
+
+    def _scores(self, k: torch.Tensor, allowed: torch.Tensor | None, r0: int, r1: int) -> torch.Tensor:
+        b, hk, g, nq = self.shape
+        r = r1 - r0
+        qt = self.q if (r0, r1) == (0, nq) else self.q[:, :, :, r0:r1]
+        s = torch.matmul(qt.reshape(b, hk, g * r, -1), k.transpose(-1, -2)).view(b, hk, g, r, -1)
+        if allowed is not None:
+            s.masked_fill_(~allowed[:, :, None], -math.inf)
+        return s
+
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None, r0: int, r1: int
+    ) -> None:
+        """Fold keys ``k``/values ``v`` ``[B, Hkv, T, *]`` into rows ``[r0, r1)``.
+
+        ``allowed``: ``[B|1, Hkv|1, r1 - r0, T]`` bool, or None when every pair may attend.
+        """
+        b, hk, g, nq = self.shape
+        r = r1 - r0
+        s = self._scores(k, allowed, r0, r1)  # [B, Hkv, g, r, T]
+        if self.capture:
+            self._logits.append(s)
+        whole = (r0, r1) == (0, nq)
+        m_old = self.m if whole else self.m[..., r0:r1]
+        m_new = torch.maximum(m_old, s.amax(-1))
+        m_safe = m_new.masked_fill(m_new == -math.inf, 0.0)
+        p = torch.exp(s - m_safe[..., None])
+        alpha = torch.exp(m_old - m_safe)
+        pv = torch.matmul(p.view(b, hk, g * r, -1), v).view(b, hk, g, r, -1)
+        if whole:
+            self.l = self.l * alpha + p.sum(-1)
+            self.acc = self.acc * alpha[..., None] + pv
+            self.m = m_new
+        else:
+            self.l[..., r0:r1] = self.l[..., r0:r1] * alpha + p.sum(-1)
+            self.acc[..., r0:r1, :] = self.acc[..., r0:r1, :] * alpha[..., None] + pv
+            self.m[..., r0:r1] = m_new
+
+    def result(self) -> torch.Tensor:
+        """``[B, H, Q, Dv]`` float32 attention output."""
+        b, hk, g, nq = self.shape
+        out = self.acc / self.l.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+        return out.reshape(b, hk * g, nq, -1)
+
+    def _probs(self, s: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        m = self.m[..., r0:r1]
+        m = m.masked_fill(m == -math.inf, 0.0)
+        return torch.exp(s - m[..., None]) / self.l[..., r0:r1, None].clamp_min(
+            torch.finfo(torch.float32).tiny
+        )
+
+    def captured_mass(self) -> torch.Tensor:
+        """Attention mass per key of the captured rows: ``[B, Hkv, N]``, summed over rows,
+        averaged over the query heads of each group (requires ``capture`` and whole-row updates)."""
+        s = torch.cat(self._logits, dim=-1)
+        self._logits = []
+        return self._probs(s, 0, self.shape[-1]).sum(-2).mean(2)
+
+    def mass(self, k: torch.Tensor, allowed: torch.Tensor | None, r0: int, r1: int) -> torch.Tensor:
+        """Second pass: attention mass of rows ``[r0, r1)`` on keys ``k``: ``[B, Hkv, T]``."""
+        s = self._scores(k, allowed, r0, r1)
+        return self._probs(s, r0, r1).sum(-2).mean(2)

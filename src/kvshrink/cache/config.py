@@ -1,0 +1,140 @@
+"""Cache spec strings: ``[POLICY:opts+]CODEC:opts[+cache:opts]``.
+
+Grammar (stages are the ``core.spec`` stages; order is free, the canonical form is fixed)::
+
+    cache_spec := stage ('+' stage)*          one codec stage, at most one policy stage,
+                                              at most one 'cache' stage
+    codec      := any registered codec         int4, kivi:b=2, fp16, ...
+    policy     := any registered policy        snapkv:ratio=0.75, streamingllm:sinks=4,budget=256
+    cache      := 'cache' (':' window=N, block=N, chunk=N)
+
+Examples: ``int4``, ``kivi:b=2``, ``snapkv:ratio=0.75+fp16``,
+``streamingllm:sinks=4,budget=256+int4+cache:window=64``. ``str(CacheSpec)`` prints
+``policy+codec[+cache]`` with the cache stage only when it differs from the defaults.
+
+A codec's own full-precision residual (KIVI's ``residual``) is set to 0 inside the cache: the
+cache's ``window`` plays that role, and a second fp16 tail inside every packed block would
+store most values in fp16 without saying so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..codecs import CODECS, Codec, CodecConfig, make_codec
+from ..core.errors import SpecError
+from ..core.spec import SpecConfig, build_config, format_config, nearest, parse_stage, split_stages
+from ..policies import POLICIES, Policy, PolicyConfig
+
+__all__ = ["CacheConfig", "CacheSpec", "parse_cache_spec"]
+
+
+@dataclass(frozen=True)
+class CacheConfig(SpecConfig):
+    """Options of the cache itself.
+
+    ``window``: newest tokens kept in full precision (the model's dtype); older tokens move to
+    packed storage ``block`` tokens at a time, so a layer holds ``window`` to
+    ``window + block - 1`` full-precision tokens. ``chunk``: keys per online-softmax step;
+    consecutive decoded blocks are concatenated up to this many tokens, which bounds the
+    transient full-precision buffer of a read to ``chunk`` tokens per layer.
+    """
+
+    name: ClassVar[str] = "cache"
+    window: int = 128
+    block: int = 128
+    chunk: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.window < 0:
+            raise SpecError(f"cache: window must be >= 0 tokens, got {self.window}")
+        if self.block < 1:
+            raise SpecError(f"cache: block must be >= 1 token, got {self.block}")
+        if self.chunk < 1:
+            raise SpecError(f"cache: chunk must be >= 1 token, got {self.chunk}")
+
+    def __str__(self) -> str:
+        return format_config(self)
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """A parsed cache spec: optional policy, one codec, cache options."""
+
+    codec: CodecConfig
+    policy: PolicyConfig | None = None
+    cache: CacheConfig = CacheConfig()
+
+    def __str__(self) -> str:
+        parts = [str(self.policy)] if self.policy is not None else []
+        parts.append(str(self.codec))
+        if self.cache != CacheConfig():
+            parts.append(str(self.cache))
+        return "+".join(parts)
+
+    def build_codec(self) -> Codec:
+        """The codec used for packed blocks (its own residual window, if any, set to 0)."""
+        config = self.codec
+        if any(f.name == "residual" for f in dataclasses.fields(config)):
+            config = dataclasses.replace(config, residual=0)  # type: ignore[call-arg]
+        return make_codec(str(config))
+
+    def build_policy(self) -> Policy | None:
+        return None if self.policy is None else POLICIES.build(str(self.policy))
+
+
+def parse_cache_spec(spec: str, **cache_options: Any) -> CacheSpec:
+    """Parse ``spec``; ``cache_options`` (``window=64``) override the ``cache`` stage."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise SpecError("empty cache spec: expected e.g. 'int4' or 'snapkv:ratio=0.75+fp16'")
+    codec: CodecConfig | None = None
+    policy: PolicyConfig | None = None
+    cache: CacheConfig | None = None
+    for text in split_stages(spec):
+        stage = parse_stage(text)
+        if stage.name == CacheConfig.name:
+            if cache is not None:
+                raise SpecError(f"more than one 'cache' stage in {spec!r}")
+            cache = build_config(CacheConfig, stage)
+        elif stage.name in POLICIES:
+            if policy is not None:
+                raise SpecError(f"more than one policy in {spec!r}; a cache takes at most one")
+            policy = POLICIES.config(stage)
+        elif stage.name in CODECS:
+            if codec is not None:
+                raise SpecError(f"more than one codec in {spec!r}; a cache takes exactly one")
+            codec = CODECS.config(stage)
+        else:
+            names = [*POLICIES.names(), *CODECS.names(), CacheConfig.name]
+            hint = nearest(stage.name, names)
+            near = f" (did you mean {', '.join(hint)}?)" if hint else ""
+            raise SpecError(
+                f"unknown stage {stage.name!r} in {spec!r}{near}; policies: {', '.join(POLICIES.names())}; "
+                f"codecs: {', '.join(CODECS.names())}; cache options: cache:window=N,block=N,chunk=N"
+            )
+    if codec is None:
+        raise SpecError(f"{spec!r} has no codec stage; add one, e.g. '{spec}+int4' (or '+fp16' for none)")
+    default_residual = _default(codec, "residual")
+    residual = getattr(codec, "residual", None)
+    if residual not in (None, 0, default_residual):
+        raise SpecError(
+            f"{codec.name}: residual={residual} is replaced by the cache's full-precision window inside "
+            "CompressedCache; set it with cache:window=N instead"
+        )
+    cache = cache or CacheConfig()
+    if cache_options:
+        fields = {f.name for f in dataclasses.fields(CacheConfig)}
+        unknown = sorted(set(cache_options) - fields)
+        if unknown:
+            raise SpecError(f"unknown cache option(s) {unknown}; valid: {', '.join(sorted(fields))}")
+        cache = dataclasses.replace(cache, **cache_options)
+    return CacheSpec(codec=codec, policy=policy, cache=cache)
+
+
+def _default(config: Any, name: str) -> Any:
+    for f in dataclasses.fields(config):
+        if f.name == name:
+            return f.default
+    return None

@@ -1,0 +1,183 @@
+"""Runs of cache slots: packed blocks and the full-precision window share one bookkeeping.
+
+Every layer holds the same number of slots for every batch row and KV head, so all tensors stay
+rectangular; per-head eviction and left padding leave *empty* slots (position ``-1``) instead
+of ragged rows. Each slot records the sequence position (column of the 2-D attention mask) of
+its token, which is what attention masks are computed from, never the global mask's shape.
+
+A packed segment keeps one :class:`~kvshrink.codecs.Packed` per batch row (``[Hkv, T, D]``):
+no codec ever groups tokens of two sequences (no cross-request contamination), and beam
+reordering is a permutation of the row list, never a lossy re-encode.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..codecs import Codec, Packed
+
+__all__ = ["Segment", "bounds", "cat_dense", "encode_segment"]
+
+_NONE = sys.maxsize  # lower bound of a segment without live slots: "in the future", never attended
+
+
+def bounds(pos: torch.Tensor) -> tuple[int, int, bool]:
+    """``(lo, hi, full)``: min and max live column and whether no slot is empty."""
+    live = pos >= 0
+    if not bool(live.any()):
+        return _NONE, -1, False
+    hi = int(pos.max())
+    lo = int(pos.masked_fill(~live, torch.iinfo(pos.dtype).max).min())
+    return lo, hi, bool(live.all())
+
+
+@dataclass
+class Segment:
+    """A run of ``T`` slots, packed (``keys``/``values``) or dense (``k``/``v``).
+
+    ``pos``: ``[B|1, Hkv|1, T]`` int32 columns, ``-1`` = empty. ``acc``: ``[B, Hkv, T]`` float32
+    accumulated attention (accumulating policies only). ``lo``/``hi``: bounds of the live
+    columns, used to skip or leave unmasked whole chunks. ``full``: no empty slot. ``c0``: when
+    slot ``i`` holds column ``c0 + i`` (no eviction happened), else None.
+    """
+
+    pos: torch.Tensor
+    lo: int
+    hi: int
+    full: bool
+    c0: int | None = None
+    acc: torch.Tensor | None = None
+    keys: list[Packed] | None = None
+    values: list[Packed] | None = None
+    k: torch.Tensor | None = None  # [B, Hkv, T, D] model dtype
+    v: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return self.pos.shape[-1]
+
+    @property
+    def packed(self) -> bool:
+        return self.keys is not None
+
+    def dense(self, codec: Codec) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values as float32 ``[B, Hkv, T, D]`` (a packed segment is decoded)."""
+        if self.k is not None and self.v is not None:
+            return self.k.float(), self.v.float()
+        assert self.keys is not None and self.values is not None
+        return _decode_rows(codec, self.keys), _decode_rows(codec, self.values)
+
+    def full_pos(self, b: int, h: int) -> torch.Tensor:
+        """``[B, Hkv, T]`` positions (expanded view)."""
+        return self.pos.expand(b, h, self.size)
+
+    def slice(self, a: int, z: int) -> Segment:
+        """Slots ``[a, z)`` of a dense segment, as views."""
+        assert not self.packed
+        pos = self.pos[..., a:z]
+        if self.c0 is not None:
+            lo, hi, full = max(self.lo, self.c0 + a), min(self.hi, self.c0 + z - 1), self.full
+            if not full:
+                lo, hi, full = bounds(pos)
+        else:
+            lo, hi, full = bounds(pos)
+        return replace(
+            self,
+            pos=pos,
+            lo=lo,
+            hi=hi,
+            full=full,
+            c0=None if self.c0 is None else self.c0 + a,
+            acc=None if self.acc is None else self.acc[..., a:z],
+            k=self.k[:, :, a:z] if self.k is not None else None,
+            v=self.v[:, :, a:z] if self.v is not None else None,
+        )
+
+    def tombstone(self, keep: torch.Tensor) -> bool:
+        """Empty the slots where ``keep`` ``[B, Hkv, T]`` is False; True if any changed."""
+        b, h, _t = keep.shape
+        pos = self.full_pos(b, h)
+        drop = (pos >= 0) & ~keep
+        if not bool(drop.any()):
+            return False
+        self.pos = pos.masked_fill(drop, -1).contiguous()
+        self.lo, self.hi, self.full = bounds(self.pos)
+        return True
+
+    def nbytes(self, seen: set[int]) -> tuple[int, int, int]:
+        """``(packed, dense, bookkeeping)`` bytes; ``seen`` dedupes rows shared by beams."""
+        packed = 0
+        for p in (self.keys or []) + (self.values or []):
+            if id(p) not in seen:
+                seen.add(id(p))
+                packed += p.nbytes()
+        dense = sum(t.numel() * t.element_size() for t in (self.k, self.v) if t is not None)
+        meta = sum(t.numel() * t.element_size() for t in (self.pos, self.acc) if t is not None)
+        return packed, dense, meta
+
+    def index_rows(self, idx: torch.Tensor) -> None:
+        """Keep batch rows ``idx`` (beam reorder, selection, repetition)."""
+        rows = idx.tolist()
+        if self.keys is not None and self.values is not None:
+            self.keys = [self.keys[i] for i in rows]
+            self.values = [self.values[i] for i in rows]
+        if self.pos.shape[0] != 1:
+            self.pos = self.pos.index_select(0, idx.to(self.pos.device))
+        if self.acc is not None:
+            self.acc = self.acc.index_select(0, idx.to(self.acc.device))
+        if self.k is not None and self.v is not None:
+            self.k = self.k.index_select(0, idx.to(self.k.device))
+            self.v = self.v.index_select(0, idx.to(self.v.device))
+
+
+def _decode_rows(codec: Codec, rows: list[Packed]) -> torch.Tensor:
+    if len(rows) == 1:
+        return codec.decode(rows[0], torch.float32).unsqueeze(0)
+    done: dict[int, torch.Tensor] = {}
+    out = []
+    for p in rows:  # beams share rows: decode each Packed once
+        if id(p) not in done:
+            done[id(p)] = codec.decode(p, torch.float32)
+        out.append(done[id(p)])
+    return torch.stack(out)
+
+
+def encode_segment(codec: Codec, seg: Segment) -> Segment:
+    """Pack a dense segment row by row (quantize on write); bookkeeping is kept as is."""
+    assert seg.k is not None and seg.v is not None
+    keys = [codec.encode(x, "key") for x in seg.k.unbind(0)]
+    values = [codec.encode(x, "value") for x in seg.v.unbind(0)]
+    pos = seg.pos.contiguous().clone()
+    acc = None if seg.acc is None else seg.acc.contiguous().clone()
+    return replace(seg, pos=pos, acc=acc, keys=keys, values=values, k=None, v=None)
+
+
+def cat_dense(parts: list[Segment]) -> Segment:
+    """Concatenate dense segments along the slots (the new tokens onto the window)."""
+    parts = [p for p in parts if p.size]
+    if len(parts) == 1:
+        return parts[0]
+    b = max(p.pos.shape[0] for p in parts)
+    h = max(p.pos.shape[1] for p in parts)
+    pos = torch.cat([p.pos.expand(b, h, p.size) for p in parts], dim=-1)
+    c0 = parts[0].c0
+    for prev, nxt in itertools.pairwise(parts):
+        if c0 is None or prev.c0 is None or nxt.c0 != prev.c0 + prev.size:
+            c0 = None
+    accs = [p.acc for p in parts]
+    acc = torch.cat(accs, dim=-1) if all(a is not None for a in accs) else None  # type: ignore[arg-type]
+    live = [p for p in parts if p.hi >= 0]
+    return Segment(
+        pos=pos,
+        lo=min((p.lo for p in live), default=_NONE),
+        hi=max((p.hi for p in live), default=-1),
+        full=all(p.full for p in parts),
+        c0=c0,
+        acc=acc,
+        k=torch.cat([p.k for p in parts], dim=2),  # type: ignore[misc]
+        v=torch.cat([p.v for p in parts], dim=2),  # type: ignore[misc]
+    )
