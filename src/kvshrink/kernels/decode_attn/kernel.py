@@ -1,0 +1,566 @@
+"""Triton flash-decoding over packed caches: split-K partials, then a reduce.
+
+Design (one query token per sequence, GQA):
+
+- Grid ``(splits + window, B·Hkv)``. A program owns one KV head and its ``G`` query heads (padded to
+  ``BG >= 16`` rows for ``tl.dot``) and ``SPLIT`` consecutive packed tokens; one extra program per
+  head attends to the fp16 recent window. Each writes a normalized partial output and its
+  log-sum-exp; ``_reduce_kernel`` merges them (online softmax across splits).
+- Codes are read as words (see ``layout.py``) and unpacked in registers into a ``[BT, d]`` tile in
+  *stream-major* order: position ``(r, w, c)`` holds coordinate ``c`` of index ``P·w + r``. Rather
+  than interleave registers back to channel order, the query is loaded (or rotated) directly into
+  that permuted order and the partial output is scattered back through the same permutation, so
+  every product is one ``tl.dot`` over the full head dim.
+- int4/int8/KIVI dequantize in registers (``code·scale (+ min)``); KIVI keys share one scale row per
+  group of tokens, broadcast over a ``[groups, group, d]`` view.
+- TurboQuant/FibQuant never leave the rotated basis: ``q' = Π q`` once per program (fp16 ``tl.dot``
+  against the permuted rows of Π), codewords gathered from an fp16 codebook (or selected for
+  ``N <= 4`` scalar levels), ``score = norm · ⟨q', ŷ⟩``, and values accumulate ``p·norm·ŷ``.
+  ``_reduce_kernel`` applies ``Πᵀ`` once per query head, after merging splits and before adding the
+  (unrotated) window partial.
+
+Costs (per token and KV head, d=128): int4 66 B, KIVI-2 ~96 B, TurboQuant-4 132 B, FibQuant b=2 68 B
+of reads, against 512 B for fp16; the kernel is meant to be bound by those bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+import triton
+import triton.language as tl
+
+from ...codecs.base import Codec, Packed
+from ..layout import CodeLayout, layout_of, rotation_matrix
+from .reference import Window
+
+__all__ = ["DecodeConfig", "decode_attention_triton"]
+
+_KIND = {"token": 0, "channel": 1, "vq": 2}
+
+
+@triton.jit
+def _chan(D: tl.constexpr, P: tl.constexpr, NW: tl.constexpr, VEC: tl.constexpr):
+    """Channel held at each stream-major position: ``VEC·(P·w + r) + c``."""
+    pos = tl.arange(0, D)
+    r = pos // (NW * VEC)
+    w = (pos // VEC) % NW
+    c = pos % VEC
+    return VEC * (P * w + r) + c
+
+
+@triton.jit
+def _indices(
+    c_ptr,
+    rows,
+    tmask,
+    RB: tl.constexpr,
+    BITS: tl.constexpr,
+    P: tl.constexpr,
+    NW: tl.constexpr,
+    WB: tl.constexpr,
+    BT: tl.constexpr,
+):
+    """Unpack a ``[BT, P·NW]`` tile of indices, stream-major (position ``r·NW + w`` = index ``P·w + r``)."""
+    w = tl.arange(0, NW)
+    base = c_ptr + rows[:, None] * RB  # [BT, 1]
+    if WB == 1:
+        words = tl.load(base + w[None, :], mask=tmask[:, None], other=0).to(tl.int32)  # [BT, NW]
+    else:  # 3-byte words: 8 three-bit or 4 six-bit indices, little-endian
+        b0 = tl.load(base + 3 * w[None, :], mask=tmask[:, None], other=0).to(tl.int32)
+        b1 = tl.load(base + 3 * w[None, :] + 1, mask=tmask[:, None], other=0).to(tl.int32)
+        b2 = tl.load(base + 3 * w[None, :] + 2, mask=tmask[:, None], other=0).to(tl.int32)
+        words = b0 | (b1 << 8) | (b2 << 16)
+    shifts = tl.arange(0, P) * BITS
+    idx = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)  # [BT, P, NW]
+    return tl.reshape(idx, (BT, P * NW))
+
+
+@triton.jit
+def _values(
+    idx,
+    rows,
+    tmask,
+    bh,
+    t0,
+    L,
+    s_ptr,
+    m_ptr,
+    cb_ptr,
+    chan,
+    TG,
+    KIND: tl.constexpr,
+    VEC: tl.constexpr,
+    NLEV: tl.constexpr,
+    SEL: tl.constexpr,
+    GE: tl.constexpr,
+    GROUP: tl.constexpr,
+    NG: tl.constexpr,
+    ZERO: tl.constexpr,
+    HAS_MIN: tl.constexpr,
+    D: tl.constexpr,
+    BT: tl.constexpr,
+    P: tl.constexpr,
+    NW: tl.constexpr,
+):
+    """Values of a tile of indices, fp16 ``[BT, D]`` in stream-major order (VQ: rotated, unit norm)."""
+    if KIND == 2:
+        if SEL:  # N <= 4 scalar levels: selects beat a gather
+            c0 = tl.load(cb_ptr)
+            c1 = tl.load(cb_ptr + 1)
+            if NLEV == 2:
+                y = tl.where(idx == 0, c0, c1)
+            else:
+                c2 = tl.load(cb_ptr + 2)
+                c3 = tl.load(cb_ptr + 3)
+                y = tl.where(idx < 2, tl.where(idx == 0, c0, c1), tl.where(idx == 2, c2, c3))
+        elif VEC == 1:
+            y = tl.load(cb_ptr + idx)  # [BT, D] gather from an L1-resident codebook
+        else:
+            y = tl.load(cb_ptr + idx[:, :, None] * VEC + tl.arange(0, VEC)[None, None, :])  # [BT, R, VEC]
+            y = tl.reshape(y, (BT, D))
+        return y.to(tl.float16)
+    elif KIND == 0:  # per-token scale per group of channels; group of position (r, w) is w // (GROUP/P)
+        x = tl.reshape(idx.to(tl.float32) - ZERO, (BT, P, NG, GROUP // P))
+        g = tl.arange(0, NG)
+        s = tl.load(s_ptr + rows[:, None] * NG + g[None, :], mask=tmask[:, None], other=0.0)  # [BT, NG]
+        x = x * s.to(tl.float32)[:, None, :, None]
+        if HAS_MIN:
+            mn = tl.load(m_ptr + rows[:, None] * NG + g[None, :], mask=tmask[:, None], other=0.0)
+            x = x + mn.to(tl.float32)[:, None, :, None]
+        return tl.reshape(x, (BT, D)).to(tl.float16)
+    else:  # per-channel scale/min, one row per group of GROUP tokens (GE = min(GROUP, BT) rows share it)
+        gi = (t0 + tl.arange(0, BT // GE) * GE) // GROUP  # [NGB] groups in this block
+        gmask = gi * GROUP < L
+        srow = (bh * TG + gi).to(tl.int64)
+        s = tl.load(s_ptr + srow[:, None] * D + chan[None, :], mask=gmask[:, None], other=0.0)  # [NGB, D]
+        x = tl.reshape(idx.to(tl.float32), (BT // GE, GE, D)) * s.to(tl.float32)[:, None, :]
+        if HAS_MIN:
+            mn = tl.load(m_ptr + srow[:, None] * D + chan[None, :], mask=gmask[:, None], other=0.0)
+            x = x + mn.to(tl.float32)[:, None, :]
+        return tl.reshape(x, (BT, D)).to(tl.float16)
+
+
+@triton.jit
+def _split_kernel(
+    q_ptr,
+    kc_ptr,
+    ks_ptr,
+    km_ptr,
+    vc_ptr,
+    vs_ptr,
+    vm_ptr,
+    rot_ptr,
+    cbk_ptr,
+    cbv_ptr,
+    len_ptr,
+    wk_ptr,
+    wv_ptr,
+    wlen_ptr,
+    o_ptr,
+    lse_ptr,
+    qk_scale,
+    Hkv,
+    T,
+    TGK,
+    TGV,
+    W,
+    NS,
+    SPLIT,
+    G: tl.constexpr,
+    BG: tl.constexpr,
+    D: tl.constexpr,
+    BT: tl.constexpr,
+    HAS_WIN: tl.constexpr,
+    K_KIND: tl.constexpr,
+    K_BITS: tl.constexpr,
+    K_VEC: tl.constexpr,
+    K_NLEV: tl.constexpr,
+    K_SEL: tl.constexpr,
+    K_P: tl.constexpr,
+    K_NW: tl.constexpr,
+    K_WB: tl.constexpr,
+    K_RB: tl.constexpr,
+    K_GROUP: tl.constexpr,
+    K_GE: tl.constexpr,
+    K_NG: tl.constexpr,
+    K_ZERO: tl.constexpr,
+    K_MIN: tl.constexpr,
+    V_KIND: tl.constexpr,
+    V_BITS: tl.constexpr,
+    V_VEC: tl.constexpr,
+    V_NLEV: tl.constexpr,
+    V_SEL: tl.constexpr,
+    V_P: tl.constexpr,
+    V_NW: tl.constexpr,
+    V_WB: tl.constexpr,
+    V_RB: tl.constexpr,
+    V_GROUP: tl.constexpr,
+    V_GE: tl.constexpr,
+    V_NG: tl.constexpr,
+    V_ZERO: tl.constexpr,
+    V_MIN: tl.constexpr,
+):
+    sid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hkv
+    g = tl.arange(0, BG)
+    gmask = g < G
+    d = tl.arange(0, D)
+    qrow = (bh * G + g).to(tl.int64)  # [BG] query heads of this KV head
+    part = qrow * (NS + HAS_WIN) + sid  # [BG] partial slot
+    if sid < NS:
+        L = tl.load(len_ptr + b)
+        start = sid * SPLIT
+        if start < L:
+            end = tl.minimum(start + SPLIT, L)
+            chan_k = _chan(D, K_P, K_NW, K_VEC)
+            chan_v = _chan(D, V_P, V_NW, V_VEC)
+            if K_KIND == 2:  # q' = Π q, in the keys' stream-major order: M[j, pos] = Π[chan(pos), j]
+                qn = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0)
+                rot = tl.load(rot_ptr + chan_k[None, :] * D + d[:, None])  # [D, D] fp16
+                qk = tl.dot(qn.to(tl.float16), rot).to(tl.float16)  # [BG, D]
+            else:
+                qk = tl.load(q_ptr + qrow[:, None] * D + chan_k[None, :], mask=gmask[:, None], other=0.0)
+                qk = qk.to(tl.float16)
+            m_i = tl.full([BG], float("-inf"), tl.float32)
+            l_i = tl.zeros([BG], tl.float32)
+            acc = tl.zeros([BG, D], tl.float32)
+            for t0 in range(start, end, BT):
+                offs = t0 + tl.arange(0, BT)
+                tmask = offs < end
+                rows = bh.to(tl.int64) * T + offs  # [BT] packed rows
+                ik = _indices(kc_ptr, rows, tmask, K_RB, K_BITS, K_P, K_NW, K_WB, BT)
+                yk = _values(
+                    ik,
+                    rows,
+                    tmask,
+                    bh,
+                    t0,
+                    L,
+                    ks_ptr,
+                    km_ptr,
+                    cbk_ptr,
+                    chan_k,
+                    TGK,
+                    K_KIND,
+                    K_VEC,
+                    K_NLEV,
+                    K_SEL,
+                    K_GE,
+                    K_GROUP,
+                    K_NG,
+                    K_ZERO,
+                    K_MIN,
+                    D,
+                    BT,
+                    K_P,
+                    K_NW,
+                )
+                s = tl.dot(qk, tl.trans(yk))  # [BG, BT]
+                if K_KIND == 2:
+                    nk = tl.load(ks_ptr + rows, mask=tmask, other=0.0).to(tl.float32)
+                    s = s * nk[None, :]
+                s = tl.where(tmask[None, :], s * qk_scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])  # [BG, BT]
+                l_i = l_i * alpha + tl.sum(p, 1)
+                iv = _indices(vc_ptr, rows, tmask, V_RB, V_BITS, V_P, V_NW, V_WB, BT)
+                yv = _values(
+                    iv,
+                    rows,
+                    tmask,
+                    bh,
+                    t0,
+                    L,
+                    vs_ptr,
+                    vm_ptr,
+                    cbv_ptr,
+                    chan_v,
+                    TGV,
+                    V_KIND,
+                    V_VEC,
+                    V_NLEV,
+                    V_SEL,
+                    V_GE,
+                    V_GROUP,
+                    V_NG,
+                    V_ZERO,
+                    V_MIN,
+                    D,
+                    BT,
+                    V_P,
+                    V_NW,
+                )
+                if V_KIND == 2:  # fold the value norms into the weights: Σ p·norm·ŷ
+                    nv = tl.load(vs_ptr + rows, mask=tmask, other=0.0).to(tl.float32)
+                    p = p * nv[None, :]
+                acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), yv)
+                m_i = m_new
+            o = acc / l_i[:, None]
+            tl.store(o_ptr + part[:, None] * D + chan_v[None, :], o, mask=gmask[:, None])
+            tl.store(lse_ptr + part, m_i + tl.log2(l_i), mask=gmask)
+    else:
+        if HAS_WIN:  # the fp16 recent window, natural channel order, unrotated query
+            WL = tl.load(wlen_ptr + b)
+            if WL > 0:
+                qn = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0)
+                qn = qn.to(tl.float16)
+                m_i = tl.full([BG], float("-inf"), tl.float32)
+                l_i = tl.zeros([BG], tl.float32)
+                acc = tl.zeros([BG, D], tl.float32)
+                for t0 in range(0, WL, BT):
+                    offs = t0 + tl.arange(0, BT)
+                    tmask = offs < WL
+                    rows = bh.to(tl.int64) * W + offs
+                    kw = tl.load(wk_ptr + rows[:, None] * D + d[None, :], mask=tmask[:, None], other=0.0)
+                    s = tl.dot(qn, tl.trans(kw.to(tl.float16)))
+                    s = tl.where(tmask[None, :], s * qk_scale, float("-inf"))
+                    m_new = tl.maximum(m_i, tl.max(s, 1))
+                    alpha = tl.exp2(m_i - m_new)
+                    p = tl.exp2(s - m_new[:, None])
+                    l_i = l_i * alpha + tl.sum(p, 1)
+                    vw = tl.load(wv_ptr + rows[:, None] * D + d[None, :], mask=tmask[:, None], other=0.0)
+                    acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), vw.to(tl.float16))
+                    m_i = m_new
+                tl.store(o_ptr + part[:, None] * D + d[None, :], acc / l_i[:, None], mask=gmask[:, None])
+                tl.store(lse_ptr + part, m_i + tl.log2(l_i), mask=gmask)
+
+
+@triton.jit
+def _reduce_kernel(
+    o_ptr,
+    lse_ptr,
+    len_ptr,
+    wlen_ptr,
+    rot_ptr,
+    out_ptr,
+    Hkv,
+    NS,
+    SPLIT,
+    G: tl.constexpr,
+    BG: tl.constexpr,
+    D: tl.constexpr,
+    CH: tl.constexpr,
+    HAS_WIN: tl.constexpr,
+    ROT_V: tl.constexpr,
+):
+    """Merge one KV head's split partials (log2 domain), rotate back once, add the window."""
+    bh = tl.program_id(0)
+    b = bh // Hkv
+    g = tl.arange(0, BG)
+    gmask = g < G
+    d = tl.arange(0, D)
+    NSW = NS + HAS_WIN
+    qrow = (bh * G + g).to(tl.int64)
+    L = tl.load(len_ptr + b)
+    nval = tl.cdiv(L, SPLIT)  # splits that hold tokens (the others wrote nothing)
+    m = tl.full([BG], float("-inf"), tl.float32)
+    l = tl.zeros([BG], tl.float32)  # noqa: E741
+    acc = tl.zeros([BG, D], tl.float32)
+    for s0 in range(0, nval, CH):
+        sidx = s0 + tl.arange(0, CH)
+        ok = gmask[:, None] & (sidx < nval)[None, :]  # [BG, CH]
+        slot = qrow[:, None] * NSW + sidx[None, :]
+        lse = tl.load(lse_ptr + slot, mask=ok, other=float("-inf"))
+        o = tl.load(o_ptr + slot[:, :, None] * D + d[None, None, :], mask=ok[:, :, None], other=0.0)
+        m_new = tl.maximum(m, tl.max(lse, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        w = tl.exp2(lse - m_safe[:, None])  # [BG, CH]
+        l = l * alpha + tl.sum(w, 1)  # noqa: E741
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 1)
+        m = m_new
+    if ROT_V:  # x = Πᵀ y, as rows: x = y Π
+        rot = tl.load(rot_ptr + d[:, None] * D + d[None, :])  # [D, D] fp32
+        acc = tl.dot(acc, rot, input_precision="ieee")
+    if HAS_WIN:
+        WL = tl.load(wlen_ptr + b)
+        wok = gmask & (WL > 0)
+        lw = tl.load(lse_ptr + qrow * NSW + NS, mask=wok, other=float("-inf"))
+        ow = tl.load(o_ptr + (qrow * NSW + NS)[:, None] * D + d[None, :], mask=wok[:, None], other=0.0)
+        m_new = tl.maximum(m, lw)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        w = tl.exp2(lw - m_safe)
+        l = l * alpha + w  # noqa: E741
+        acc = acc * alpha[:, None] + w[:, None] * ow
+    out = tl.where(l[:, None] > 0, acc / l[:, None], 0.0)
+    tl.store(out_ptr + qrow[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+
+
+# -- host side ---------------------------------------------------------------------------------
+
+
+class DecodeConfig(dict):
+    """Launch knobs: ``BT`` tokens per block, ``num_warps``, ``num_stages``, ``programs``
+    (target split programs; default 4 per SM), ``select`` (selects for N <= 4 scalar levels)."""
+
+
+_STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _vq_tensors(codec: Codec, d: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Rotation (fp16 for q, fp32 for the output) and fp16 codebooks, cached per codec and device."""
+    per = _STATE.setdefault(codec, {})
+    key = (d, str(device))
+    if key not in per:
+        rot = rotation_matrix(codec, d).to(device)
+        per[key] = {
+            "rot16": rot.half().contiguous(),
+            "rot32": rot.contiguous(),
+            "key": codec.codebook(d, "key").to(device).half().contiguous(),  # type: ignore[attr-defined]
+            "value": codec.codebook(d, "value").to(device).half().contiguous(),  # type: ignore[attr-defined]
+        }
+    return per[key]
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2  # interpreter: few programs keep CPU tests fast and still exercise splits
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _role_args(lay: CodeLayout, d: int, bt: int, select: bool) -> tuple:
+    """The ``K_*``/``V_*`` constexprs of one role."""
+    nw = d // lay.vec // lay.per_word
+    sel = lay.kind == "vq" and select and lay.vec == 1 and lay.levels <= 4
+    group = lay.group or d
+    ng = d // group if lay.kind == "token" else 1
+    ge = min(group, bt) if lay.kind == "channel" else 1
+    return (
+        _KIND[lay.kind],
+        lay.bits,
+        lay.vec,
+        max(lay.levels, 2),
+        sel,
+        lay.per_word,
+        nw,
+        lay.word_bytes,
+        lay.row_bytes(d),
+        group,
+        ge,
+        ng,
+        lay.zero,
+        lay.has_min,
+    )
+
+
+def _role_tensors(packed: Packed, lay: CodeLayout, vq: dict | None, role: str, dummy: torch.Tensor):
+    tz = packed.tensors
+    codes = tz["codes"].contiguous()
+    if lay.kind == "vq":
+        assert vq is not None
+        return codes, tz["norm"].contiguous(), dummy, vq[role], 1
+    mn = tz["min"].contiguous() if lay.has_min else dummy
+    tg = tz["scale"].shape[-2] if lay.kind == "channel" else 1
+    return codes, tz["scale"].contiguous(), mn, dummy, tg
+
+
+def decode_attention_triton(
+    q: torch.Tensor,
+    keys: Packed,
+    values: Packed,
+    lengths: torch.Tensor,
+    window: Window | None,
+    codec: Codec,
+    scale: float | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Launch split + reduce. Shapes as in :func:`kvshrink.kernels.decode_attn.decode_attention`."""
+    cfg = {"BT": 64, "num_warps": 4, "num_stages": 2, "programs": 0, "select": True, **(config or {})}
+    b, hq, d = q.shape
+    codes_k = keys.tensors["codes"]
+    hkv, t = codes_k.shape[1], codes_k.shape[2]
+    g = hq // hkv
+    lk, lv = layout_of(codec, "key", d), layout_of(codec, "value", d)
+    for lay in (lk, lv):
+        why = lay.unsupported(d)
+        if why:
+            raise ValueError(f"{codec.spec}: no Triton kernel for this layout: {why}")
+    bt = cfg["BT"]
+    if lk.kind == "channel":
+        bt = max(bt, 16)
+    vq = _vq_tensors(codec, d, q.device) if "vq" in (lk.kind, lv.kind) else None
+    dummy = q
+    kc, ks, km, cbk, tgk = _role_tensors(keys, lk, vq, "key", dummy)
+    vc, vs, vm, cbv, tgv = _role_tensors(values, lv, vq, "value", dummy)
+    rot16 = vq["rot16"] if vq else dummy
+    rot32 = vq["rot32"] if vq else dummy
+    lengths = lengths.to(device=q.device, dtype=torch.int32).contiguous()
+    has_win = window is not None
+    if has_win:
+        wk, wv = window.keys.contiguous(), window.values.contiguous()
+        wlen = window.lengths.to(device=q.device, dtype=torch.int32).contiguous()
+        w_cap = wk.shape[2]
+    else:
+        wk = wv = dummy
+        wlen, w_cap = lengths, 0
+    # tokens per split: enough programs to fill the GPU a few times over, whole blocks each
+    target = cfg["programs"] or 4 * _sm_count(q.device)
+    per_head = max(1, target // max(b * hkv, 1))
+    split = max(bt, triton.cdiv(triton.cdiv(max(t, 1), per_head), bt) * bt)
+    ns = triton.cdiv(max(t, 1), split)
+    bg = max(16, triton.next_power_of_2(g))
+    o_part = torch.empty(b * hq, ns + has_win, d, device=q.device, dtype=torch.float32)
+    lse_part = torch.empty(b * hq, ns + has_win, device=q.device, dtype=torch.float32)
+    out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
+    qk_scale = (1.0 / math.sqrt(d) if scale is None else scale) * math.log2(math.e)
+    qc = q.contiguous()
+    _split_kernel[(ns + has_win, b * hkv)](
+        qc,
+        kc,
+        ks,
+        km,
+        vc,
+        vs,
+        vm,
+        rot16,
+        cbk,
+        cbv,
+        lengths,
+        wk,
+        wv,
+        wlen,
+        o_part,
+        lse_part,
+        qk_scale,
+        hkv,
+        t,
+        tgk,
+        tgv,
+        w_cap,
+        ns,
+        split,
+        g,
+        bg,
+        d,
+        bt,
+        has_win,
+        *_role_args(lk, d, bt, cfg["select"]),
+        *_role_args(lv, d, bt, cfg["select"]),
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+    _reduce_kernel[(b * hkv,)](
+        o_part,
+        lse_part,
+        lengths,
+        wlen,
+        rot32,
+        out,
+        hkv,
+        ns,
+        split,
+        g,
+        bg,
+        d,
+        4,
+        has_win,
+        lv.kind == "vq",
+        num_warps=4,
+    )
+    return out

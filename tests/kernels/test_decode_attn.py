@@ -1,0 +1,170 @@
+"""decode_attention: the Triton kernel against the fp32 reference, and the reference against dense SDPA."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kvshrink.codecs import Codec, make_codec
+from kvshrink.kernels import Window, decode_attention, decode_attention_ref, dequantize, layout_of
+
+from ..conftest import gaussian_kv
+from .vq_stub import StubVQ
+
+# (id, codec factory): every layout the kernel specializes on; KIVI without its own residual
+# (recent tokens come as the window)
+CODECS = {
+    "int4": lambda: make_codec("int4"),
+    "int4-group32": lambda: make_codec("int4:group=32"),
+    "int8": lambda: make_codec("int8"),
+    "kivi2": lambda: make_codec("kivi:b=2,residual=0"),
+    "kivi4-group16": lambda: make_codec("kivi:b=4,group=16,residual=0"),
+    "tq-b1": lambda: StubVQ(1),
+    "tq-b2": lambda: StubVQ(2),
+    "tq-b3": lambda: StubVQ(3),
+    "tq-b4": lambda: StubVQ(4),
+    "fq-k2-b6": lambda: StubVQ(6, 2),
+    "fq-k2-b4": lambda: StubVQ(4, 2),
+    "fq-k4-b8": lambda: StubVQ(8, 4),
+    "fq-k8-b8": lambda: StubVQ(8, 8),
+}
+
+
+def _case(
+    codec: Codec,
+    b: int = 2,
+    hkv: int = 2,
+    g: int = 2,
+    t: int = 96,
+    d: int = 64,
+    w: int = 16,
+    seed: int = 0,
+    lengths: tuple[int, ...] = (67, 45, 1, 96),
+):
+    """Encoded caches with capacity ``t``, odd lengths, poison past each length, and a window."""
+    keys = gaussian_kv(seed, (b, hkv, t, d)).half()
+    values = gaussian_kv(seed + 1, (b, hkv, t, d)).half()
+    pk, pv = codec.encode(keys, "key"), codec.encode(values, "value")
+    lengths = torch.tensor(lengths[:b])
+    for packed in (pk, pv):  # rows past the length must never be read
+        for name, tensor in packed.tensors.items():
+            if name in ("codes", "residual"):
+                continue
+            rows = tensor if name == "norm" else tensor.transpose(-1, -2)  # [B, H, ..., rows]
+            per_row = t // rows.shape[-1]  # KIVI keys: one row per group of tokens
+            for i, n in enumerate(lengths.tolist()):
+                rows[i, ..., math.ceil(n / per_row) :] = float("nan")
+    gen = torch.Generator().manual_seed(seed + 2)
+    q = torch.randn(b, hkv * g, d, generator=gen).half()
+    win_k = torch.randn(b, hkv, w, d, generator=gen).half()
+    win_v = torch.randn(b, hkv, w, d, generator=gen).half()
+    wl = torch.tensor([5, w, 0, 3][:b])
+    for i, n in enumerate(wl.tolist()):
+        win_k[i, :, n:] = float("nan")
+        win_v[i, :, n:] = float("nan")
+    return q, pk, pv, lengths, Window(win_k, win_v, wl)
+
+
+def assert_close_to_reference(out, q, pk, pv, lengths, window, codec) -> None:
+    """STYLE.md rule: error vs fp32 reference <= 2x the same reference's fp16 error + floor."""
+    ref = decode_attention_ref(q.float(), pk, pv, lengths, window, codec=codec)
+    ref16 = decode_attention_ref(q, pk, pv, lengths, window, codec=codec, compute_dtype=torch.float16)
+    assert torch.isfinite(out).all(), "unwritten or poisoned lanes reached the output"
+    err = (out.float() - ref).abs().max().item()
+    err16 = (ref16.float() - ref).abs().max().item()
+    assert err <= 2 * err16 + 1e-3, f"kernel error {err:.2e} vs fp16 reference error {err16:.2e}"
+    assert (out.float() - ref).norm() <= 1e-2 * ref.norm()
+
+
+@pytest.mark.parametrize("name", list(CODECS))
+def test_decode_attention_triton(name: str) -> None:
+    pytest.importorskip("triton")
+    codec = CODECS[name]()
+    q, pk, pv, lengths, window = _case(codec)
+    out = decode_attention(q, pk, pv, lengths, window, codec=codec, backend="triton", config={"BT": 32})
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert_close_to_reference(out, q, pk, pv, lengths, window, codec)
+
+
+@pytest.mark.parametrize("select", [True, False], ids=["select", "gather"])
+def test_decode_attention_triton_no_window_gqa4(select: bool) -> None:
+    pytest.importorskip("triton")
+    codec = StubVQ(2)
+    q, pk, pv, lengths, _ = _case(codec, b=3, hkv=1, g=4, t=100, seed=3)
+    out = decode_attention(q, pk, pv, lengths, None, codec=codec, backend="triton", config={"select": select})
+    assert_close_to_reference(out, q, pk, pv, lengths, None, codec)
+
+
+def test_decode_attention_triton_empty_sequence() -> None:
+    """No packed tokens and no window: zeros, like the reference; window only: window attention."""
+    pytest.importorskip("triton")
+    codec = make_codec("int4")
+    q, pk, pv, _, window = _case(codec)
+    lengths = torch.tensor([0, 0])
+    window = Window(window.keys, window.values, torch.tensor([0, 7]))
+    window.keys[1, :, 7:] = float("nan")
+    window.values[1, :, 7:] = float("nan")
+    out = decode_attention(q, pk, pv, lengths, window, codec=codec, backend="triton")
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert_close_to_reference(out, q, pk, pv, lengths, window, codec)
+
+
+@pytest.mark.parametrize("name", ["int4", "kivi2", "tq-b3", "fq-k4-b8"])
+def test_dequantize_matches_codec_decode(name: str) -> None:
+    codec = CODECS[name]()
+    x = gaussian_kv(4, (2, 3, 64, 64))
+    for role in ("key", "value"):
+        packed = codec.encode(x, role)
+        got = dequantize(packed, layout_of(codec, role, 64), 64, codec, role)
+        want = codec.decode(packed, torch.float32)[..., : got.shape[-2], :]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_equals_dense_attention() -> None:
+    """Same lengths everywhere: the reference is SDPA over dequantized tokens + window."""
+    codec = make_codec("kivi:b=4,residual=0")
+    b, hkv, g, t, d, w = 2, 2, 3, 64, 32, 8
+    k, v = gaussian_kv(5, (b, hkv, t, d)), gaussian_kv(6, (b, hkv, t, d))
+    pk, pv = codec.encode(k, "key"), codec.encode(v, "value")
+    q = torch.randn(b, hkv * g, d)
+    wk, wv = torch.randn(b, hkv, w, d).half(), torch.randn(b, hkv, w, d).half()
+    lengths, wl = torch.full((b,), t), torch.full((b,), w)
+    out = decode_attention_ref(q, pk, pv, lengths, Window(wk, wv, wl), codec=codec)
+    kk = torch.cat([codec.decode(pk, torch.float32), wk.float()], 2).repeat_interleave(g, 1)
+    vv = torch.cat([codec.decode(pv, torch.float32), wv.float()], 2).repeat_interleave(g, 1)
+    dense = torch.nn.functional.scaled_dot_product_attention(q.unsqueeze(2), kk, vv).squeeze(2)
+    torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_dispatch_without_triton_uses_reference() -> None:
+    codec = make_codec("int4")
+    q, pk, pv, lengths, window = _case(codec)
+    out = decode_attention(q, pk, pv, lengths, window, codec=codec, backend="reference")
+    ref = decode_attention_ref(q, pk, pv, lengths, window, codec=codec).half()
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", list(CODECS))
+def test_decode_attention_cuda_llama_shape(name: str) -> None:
+    """Llama-3-8B heads (Hq=32, Hkv=8, d=128) on the GPU, varlen and window."""
+    codec = CODECS[name]()
+    q, pk, pv, lengths, window = _case(
+        codec, b=3, hkv=8, g=4, t=512, d=128, w=64, seed=7, lengths=(512, 301, 1)
+    )
+    dev = [x.cuda() if isinstance(x, torch.Tensor) else x for x in (q, lengths)]
+    pk, pv = pk.to("cuda"), pv.to("cuda")
+    window = Window(*(x.cuda() for x in window))
+    out = decode_attention(dev[0], pk, pv, dev[1], window, codec=codec)
+    assert_close_to_reference(out, dev[0], pk, pv, dev[1], window, codec)
+
+
+def test_import_is_light() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, kvshrink.kernels; assert 'triton' not in sys.modules; import torch; assert not torch.cuda.is_initialized()"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,95 @@
+"""encode_vq: the fused kernel writes exactly what the codec's encode stores (ties documented)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvshrink.kernels import encode_vq, layout_of
+from kvshrink.kernels.encode import nearest_codeword
+from kvshrink.kernels.layout import rotation_matrix
+
+from ..conftest import gaussian_kv
+from .vq_stub import StubVQ
+
+STUBS = {
+    "tq-b1": (1, 1),
+    "tq-b2": (2, 1),
+    "tq-b3": (3, 1),
+    "tq-b4": (4, 1),
+    "fq-k2-b4": (4, 2),
+    "fq-k2-b6": (6, 2),
+    "fq-k4-b8": (8, 4),
+    "fq-k8-b8": (8, 8),
+}
+
+
+def assert_same_codes(x: torch.Tensor, codec, role: str, codes: torch.Tensor, norm: torch.Tensor) -> None:
+    """Equal to the codec's encode; a differing index must be a near-tie of the two codewords."""
+    packed = codec.encode(x, role)
+    assert torch.equal(norm, packed.tensors["norm"])
+    if torch.equal(codes, packed.tensors["codes"]):
+        return
+    from kvshrink.codecs.primitives.bitpack import unpack_rows
+
+    d = x.shape[-1]
+    lay = layout_of(codec, role, d)
+    got = unpack_rows(codes, lay.bits, d // lay.vec)
+    want = unpack_rows(packed.tensors["codes"], lay.bits, d // lay.vec)
+    cb = codec.codebook(d, role).double()
+    xf = x.double()
+    y = (xf / xf.norm(dim=-1, keepdim=True)) @ rotation_matrix(codec, d).double().T
+    blocks = y.reshape(*y.shape[:-1], d // lay.vec, lay.vec)
+    dist = ((blocks.unsqueeze(-2) - cb) ** 2).sum(-1)  # [..., R, N]
+    gap = (dist.gather(-1, got.unsqueeze(-1)) - dist.gather(-1, want.unsqueeze(-1))).abs()
+    assert gap.max() < 1e-5, "an index differs by more than a floating-point tie"
+
+
+@pytest.mark.parametrize("name", list(STUBS))
+def test_encode_vq_triton_prefill(name: str) -> None:
+    pytest.importorskip("triton")
+    codec = StubVQ(*STUBS[name])
+    x = gaussian_kv(0, (2, 2, 37, 64)).half()
+    for role in ("key", "value"):
+        codes, norm = encode_vq(x, codec, role, backend="triton")
+        assert_same_codes(x, codec, role, codes, norm)
+
+
+def test_encode_vq_triton_single_token_append() -> None:
+    """A decode step's new token lands at each sequence's own position, nothing else is written."""
+    pytest.importorskip("triton")
+    codec = StubVQ(3)
+    x = gaussian_kv(1, (3, 2, 1, 64)).half()
+    codes, norm = encode_vq(x, codec, "key", backend="reference")
+    cap_codes = torch.zeros(3, 2, 20, codes.shape[-1], dtype=torch.uint8)
+    cap_norm = torch.zeros(3, 2, 20, dtype=torch.float16)
+    start = torch.tensor([0, 7, 19])
+    encode_vq(x, codec, "key", out=(cap_codes, cap_norm), start=start, backend="triton")
+    for b, s in enumerate(start.tolist()):
+        assert torch.equal(cap_codes[b, :, s], codes[b, :, 0])
+        assert torch.equal(cap_norm[b, :, s], norm[b, :, 0])
+    assert int((cap_norm != 0).sum()) == 3 * 2
+
+
+def test_encode_zero_vector_is_finite() -> None:
+    pytest.importorskip("triton")
+    codec = StubVQ(4)
+    x = torch.zeros(1, 1, 16, 64)
+    codes, norm = encode_vq(x, codec, "key", backend="triton")
+    ref_codes, ref_norm = encode_vq(x, codec, "key", backend="reference")
+    assert torch.equal(norm, ref_norm) and torch.equal(codes, ref_codes)
+
+
+def test_nearest_codeword_first_index_on_ties() -> None:
+    cb = torch.tensor([[1.0], [1.0], [-1.0]])
+    assert nearest_codeword(torch.tensor([[0.9]]), cb).tolist() == [[0]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", list(STUBS))
+def test_encode_vq_cuda(name: str) -> None:
+    codec = StubVQ(*STUBS[name])
+    x = gaussian_kv(2, (2, 8, 300, 128)).half().cuda()
+    codes, norm = encode_vq(x, codec, "key")
+    assert_same_codes(x, codec, "key", codes, norm)
