@@ -69,6 +69,7 @@ class Rotation:
         self.matrix64 = matrix64
         self._signs = signs
         self._dev: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._dev64: dict[str, torch.Tensor] = {}
 
     def __repr__(self) -> str:
         return f"Rotation({self.kind!r}, d={self.d}, seed={self.seed})"
@@ -90,6 +91,13 @@ class Rotation:
             self._dev[device] = (m, s)
         return self._dev[device]
 
+    def _m64(self, device: torch.device) -> torch.Tensor:
+        if device.type == "cpu":
+            return self.matrix64
+        if str(device) not in self._dev64:
+            self._dev64[str(device)] = self.matrix64.to(device)
+        return self._dev64[str(device)]
+
     def _check(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.d:
             raise InputError(f"rotation of size {self.d} applied to vectors of size {x.shape[-1]}")
@@ -103,10 +111,18 @@ class Rotation:
             return x @ m.T
         return fwht(x * s) * (1.0 / math.sqrt(self.d))
 
-    def apply_t(self, y: torch.Tensor) -> torch.Tensor:
-        """x = Πᵀy along the last dim (float32)."""
+    def apply_t(self, y: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        """x = Πᵀy along the last dim (float32).
+
+        ``exact=True`` accumulates a Haar product in float64 before rounding, so that a row's
+        result does not depend on how many rows are multiplied with it (BLAS picks different
+        kernels, with different summation orders, for different shapes): decoding a few tokens
+        then gives bit-for-bit the rows of decoding all of them. The Hadamard path is always so.
+        """
         self._check(y)
         m, s = self._on(y.device)
+        if s is None and exact:
+            return (y.to(torch.float64) @ self._m64(y.device)).to(torch.float32)
         y = y.to(torch.float32)
         if s is None:
             return y @ m
