@@ -35,6 +35,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _pick(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
+def _load(name: str):
+    """The model loader (one seam, so tests reuse the session's already-loaded model)."""
+    from ..models import load_model
+
+    return load_model(name)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -44,18 +55,26 @@ def run(args: argparse.Namespace) -> int:
     from ..eval.methods import build_method, family
     from ..eval.plots import plot_frontier
     from ..eval.report import frontier_markdown, write_json
-    from ..models import load_model
     from .common import progress_bar
 
     cfg = FrontierConfig(
-        context=args.context or (QUICK["context"] if args.quick else 2048),
-        windows=args.windows or (QUICK["windows"] if args.quick else 6),
+        context=_pick(args.context, QUICK["context"] if args.quick else 2048),
+        windows=_pick(args.windows, QUICK["windows"] if args.quick else 6),
     )
     methods = [build_method(s) for s in split_specs(args.methods or DEFAULT_METHODS)]  # fail fast
     text = load_text(args.text)
+    from ..models import resolve_model
+
+    resolve_model(args.model)  # a bad path or architecture fails before the slow load
     t0 = time.time()
     print(f"loading {args.model} ...", file=sys.stderr)
-    model, tok = load_model(args.model)
+    model, tok = _load(args.model)
+    head_dim = (
+        getattr(model.config, "head_dim", None)
+        or model.config.hidden_size // model.config.num_attention_heads
+    )
+    for m in methods:  # a head dim the codec cannot split fails before any compute
+        m.codec.check_dim(head_dim)
     ids = torch.tensor(tok(text, add_special_tokens=False).input_ids, dtype=torch.long)
     window_starts(ids.numel(), cfg)  # validates the text length before any compute
     torch.manual_seed(0)

@@ -34,45 +34,58 @@ def _check_arch(arch: str, where: str) -> None:
         )
 
 
+def resolve_model(name_or_path: str) -> Path:
+    """Check a model name or path without loading it: the GGUF file or HF folder to load.
+
+    Fails fast (before any weights are read) on a missing path or an unsupported architecture.
+    """
+    if name_or_path in EMBEDDED_MODELS:
+        gguf = resolve_embedded(name_or_path)
+        _check_arch(gguf_architecture(gguf), str(gguf))
+        return gguf
+    p = Path(name_or_path).expanduser()
+    if not p.exists():
+        raise ModelError(
+            f"model {name_or_path!r} is neither an embedded name ({', '.join(EMBEDDED_MODELS)}) "
+            "nor an existing .gguf file or model folder"
+        )
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise ModelError(
+                f"{p}: folder has no config.json; give a Hugging Face model folder or a .gguf file"
+            )
+        import json
+
+        arch = json.loads((p / "config.json").read_text()).get("model_type", "?")
+        _check_arch(arch, str(p))
+        return p
+    if p.suffix != ".gguf":
+        raise ModelError(f"{p}: expected a .gguf file or a model folder")
+    _check_arch(gguf_architecture(p), str(p))
+    return p
+
+
 def load_model(name_or_path: str = "smollm2-135m", dtype: torch.dtype = torch.float32):
     """Return ``(model, tokenizer)`` in eval mode.
 
     ``name_or_path``: an embedded name (``smollm2-135m``, ``gemma3-270m``), a ``.gguf`` file or a
     local Hugging Face folder (with ``config.json``). Nothing is fetched from a hub.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    if name_or_path in EMBEDDED_MODELS:
-        gguf = resolve_embedded(name_or_path)
-    else:
-        p = Path(name_or_path).expanduser()
-        if not p.exists():
-            raise ModelError(
-                f"model {name_or_path!r} is neither an embedded name ({', '.join(EMBEDDED_MODELS)}) "
-                "nor an existing .gguf file or model folder"
-            )
-        if p.is_dir():
-            if not (p / "config.json").exists():
-                raise ModelError(
-                    f"{p}: folder has no config.json; give a Hugging Face model folder or a .gguf file"
-                )
-            arch = AutoConfig.from_pretrained(p, local_files_only=True).model_type
-            _check_arch(arch, str(p))
-            return _finish(
-                AutoModelForCausalLM.from_pretrained(p, dtype=dtype, local_files_only=True),
-                AutoTokenizer.from_pretrained(p, local_files_only=True),
-            )
-        if p.suffix != ".gguf":
-            raise ModelError(f"{p}: expected a .gguf file or a model folder")
-        gguf = p
-    _check_arch(gguf_architecture(gguf), str(gguf))
+    src = resolve_model(name_or_path)
+    if src.is_dir():
+        return _finish(
+            AutoModelForCausalLM.from_pretrained(src, dtype=dtype, local_files_only=True),
+            AutoTokenizer.from_pretrained(src, local_files_only=True),
+        )
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # GGUF conversion logs one warning per tensor type
     try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=dtype, local_files_only=True
+            src.parent, gguf_file=src.name, dtype=dtype, local_files_only=True
         )
     finally:
         hf_logging.set_verbosity(verbosity)
