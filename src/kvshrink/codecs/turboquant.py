@@ -92,14 +92,16 @@ class TurboQuantCodec(RotatedCodec):
         return torch.from_numpy(scalar_levels(d, self.levels(role))).to(torch.float32)[:, None]
 
     # -- QJL residual sketch ---------------------------------------------------------------------
-    def sketch(self, d: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The seeded Gaussian S ``[d, d]`` float32 of the QJL sketch."""
+    def sketch(
+        self, d: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """The seeded Gaussian S ``[d, d]`` of the QJL sketch (built in float64, then cast)."""
 
         def make() -> torch.Tensor:
             g = generator("qjl", d, self.config.seed)
-            return torch.randn(d, d, generator=g, dtype=torch.float64).to(torch.float32)
+            return torch.randn(d, d, generator=g, dtype=torch.float64).to(dtype)
 
-        return self._on(("qjl", d), torch.device(device), make)
+        return self._on(("qjl", d, str(dtype)), torch.device(device), make)
 
     def _extra_shared_nbytes(self, d: int) -> int:
         return 4 * d * d if self.config.qjl else 0
@@ -117,4 +119,7 @@ class TurboQuantCodec(RotatedCodec):
         d = yhat.shape[-1]
         sign = unpack_indices(tz["qjl"], 2, d).to(torch.float32) * 2 - 1
         scale = math.sqrt(math.pi / 2) / d * tz["rnorm"].to(torch.float32).unsqueeze(-1)
-        return yhat + scale * (sign @ self.sketch(d, yhat.device))
+        # float64 so that a row's correction does not depend on how many rows are decoded
+        # with it (BLAS kernels differ by shape): decode_tokens stays bitwise equal to decode
+        corr = (sign.to(torch.float64) @ self.sketch(d, yhat.device, torch.float64)).to(torch.float32)
+        return yhat + scale * corr
