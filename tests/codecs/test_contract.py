@@ -10,7 +10,7 @@ from kvshrink.core import InputError, SpecError
 
 from ..conftest import gaussian_kv
 
-SPECS = ["fp16", "int8", "int4", "int4:group=32", "kivi:b=2", "kivi:b=4", "kivi:b=2,residual=0"]
+SPECS = ["fp16", "int8", "int4", "int4:group=0", "kivi:b=2", "kivi:b=4", "kivi:b=2,residual=0"]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)

@@ -34,7 +34,7 @@ def test_kivi_4_beats_kivi_2(seed: int, role: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("spec", "bits"), [("int8", 8 + 16 / 64), ("int4", 4 + 16 / 64), ("int4:group=16", 4 + 1)]
+    ("spec", "bits"), [("int8", 8 + 16 / 32), ("int8:group=0", 8 + 16 / 64), ("int4", 4 + 16 / 32), ("int4:group=16", 4 + 1)]
 )
 def test_exact_size_per_token(spec: str, bits: float) -> None:
     x = gaussian_kv(0, (3, 5, 64))
@@ -57,7 +57,7 @@ def test_representable_inputs_decode_exactly() -> None:
     codes = torch.randint(-127, 128, (4, 9, 64), generator=g).float()
     codes[..., 0] = 127.0  # pins the absmax so the scale is exactly 1/8
     x = codes / 8
-    assert torch.equal(make_codec("int8").roundtrip(x)[0], x)
+    assert torch.equal(make_codec("int8:group=0").roundtrip(x)[0], x)
     # KIVI recovers inputs that sit on its per-group grid
     lv = torch.randint(0, 4, (1, 1, 64, 64), generator=g).float()
     lv[..., 0, :], lv[..., 1, :] = 0.0, 3.0  # every key-channel group spans the full range

@@ -1,7 +1,10 @@
 """Baselines: fp16 storage and per-token absmax integers (int8, int4).
 
-int8/int4 are what most engines ship: one fp16 scale per vector (or per group of ``group``
-channels), symmetric codes. They anchor the frontier: int8 must be near-lossless.
+int8/int4 are what most engines ship: symmetric codes with one fp16 absmax scale per group of
+``group`` channels of each token (default 32, the q8_0/q4_0 block of llama.cpp; ``group=0`` is
+one scale per whole vector). They anchor the frontier: int8 must be near-lossless. Measured on
+SmolLM2 (1024 context, 3 windows): whole-vector int8 adds +0.026 perplexity because the keys'
+outlier channels set the scale; groups of 32 add -0.003 at 8.5 instead of 8.25 bits.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ class Fp16Codec(Codec):
 
 @dataclass(frozen=True)
 class _IntConfig(CodecConfig):
-    group: int = 0  # channels per scale; 0 = the whole vector
+    group: int = 32  # channels per scale; 0 = the whole vector
     bits: ClassVar[int] = 8
 
     def __post_init__(self) -> None:
