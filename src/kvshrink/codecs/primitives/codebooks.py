@@ -207,6 +207,11 @@ def _schedule(k: int, n: int) -> tuple[int, int, int, float]:
 _EVAL = 1 << 17  # candidates are compared on the first _EVAL training samples
 
 
+def _workers() -> int:
+    """Threads for the tree search: the cores this process may run on (not all of the host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else -1
+
+
 def _assign(c: np.ndarray, x: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
     """Nearest codeword (index, squared distance) of each sample."""
     if c.shape[1] == 1:  # sorted scalar codebook: exact and fast by bisection
@@ -215,7 +220,7 @@ def _assign(c: np.ndarray, x: np.ndarray, eps: float) -> tuple[np.ndarray, np.nd
         j = np.clip(np.searchsorted((cs[1:] + cs[:-1]) / 2, x[:, 0]), 0, len(cs) - 1)
         return order[j], (x[:, 0] - cs[j]) ** 2
     tree = cKDTree(c, leafsize=32, balanced_tree=False)
-    dist, idx = tree.query(x, k=1, eps=eps, workers=-1)
+    dist, idx = tree.query(x, k=1, eps=eps, workers=_workers())
     return idx, dist * dist
 
 
