@@ -33,8 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import special
-from scipy.spatial import cKDTree
 
 from ...core.errors import InputError
 from ...core.seed import derive_seed
@@ -62,6 +60,8 @@ _GOLDEN = (1 + math.sqrt(5)) / 2
 # -- the exact scalar marginal (k = 1) ---------------------------------------------------------
 def _tail(t: np.ndarray, d: int) -> np.ndarray:
     """P(T > |t|) for one coordinate T of a uniform unit vector in R^d (accurate in the tails)."""
+    from scipy import special  # scipy loads only when a codebook is built (~0.5 s of imports)
+
     return 0.5 * special.betainc((d - 1) / 2, 0.5, np.clip(1.0 - t * t, 0.0, 1.0))
 
 
@@ -127,6 +127,8 @@ def beta_param(d: int, k: int) -> float:
 def _companded_scalar(d: int, n: int) -> np.ndarray:
     """k=1 start: quantiles of the symmetric law with t² ~ Beta(1/2, β) (sorted)."""
     p = (np.arange(1, n + 1) - 0.5) / n
+    from scipy import special
+
     mag = np.sqrt(special.betaincinv(0.5, beta_param(d, 1), np.abs(2 * p - 1)))
     return np.sign(p - 0.5) * mag
 
@@ -155,6 +157,8 @@ def _directions(k: int, n: int, dirs: str, seed: int) -> np.ndarray:
         z, theta = 1 - 2 * uv[:, 0], 2 * math.pi * uv[:, 1]
         s = np.sqrt(np.clip(1 - z * z, 0, 1))
         return np.stack((s * np.cos(theta), s * np.sin(theta), z), axis=1)
+    from scipy import special
+
     g = special.ndtri(np.clip(_kronecker(n, k), 1e-12, 1 - 1e-12))
     return g / np.linalg.norm(g, axis=1, keepdims=True)
 
@@ -171,6 +175,8 @@ def init_codebook(d: int, k: int, n: int, seed: int = 0, dirs: str = "fib") -> n
             c = np.sort(np.abs(c) * rng.choice([-1.0, 1.0], size=n))
         return c[:, None]
     p = (np.arange(1, n + 1) - 0.5) / n
+    from scipy import special
+
     rho = np.sqrt(special.betaincinv(k / 2, beta_param(d, k), p))
     return rho[:, None] * _directions(k, n, dirs, seed)
 
@@ -219,6 +225,8 @@ def _assign(c: np.ndarray, x: np.ndarray, eps: float) -> tuple[np.ndarray, np.nd
         cs = c[order, 0]
         j = np.clip(np.searchsorted((cs[1:] + cs[:-1]) / 2, x[:, 0]), 0, len(cs) - 1)
         return order[j], (x[:, 0] - cs[j]) ** 2
+    from scipy.spatial import cKDTree
+
     tree = cKDTree(c, leafsize=32, balanced_tree=False)
     dist, idx = tree.query(x, k=1, eps=eps, workers=_workers())
     return idx, dist * dist
