@@ -29,3 +29,10 @@ def test_rows_are_independent() -> None:
     codes = torch.randint(0, 8, (7, 13))
     packed = pack_rows(codes, 3)
     assert torch.equal(unpack_rows(packed[2:5], 3, 13), codes[2:5])
+
+
+def test_empty_rows() -> None:
+    for bits in (2, 3, 8):
+        packed = pack_rows(torch.zeros(2, 0, 13, dtype=torch.long), bits)
+        assert packed.shape == (2, 0, row_bytes(13, bits))
+        assert unpack_rows(packed, bits, 13).shape == (2, 0, 13)

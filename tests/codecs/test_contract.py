@@ -9,8 +9,18 @@ from kvshrink.codecs import CODECS, make_codec
 from kvshrink.core import InputError, SpecError
 
 from ..conftest import gaussian_kv
+from .specs_rotated import ROTATED_SPECS
 
-SPECS = ["fp16", "int8", "int4", "int4:group=0", "kivi:b=2", "kivi:b=4", "kivi:b=2,residual=0"]
+SPECS = [
+    "fp16",
+    "int8",
+    "int4",
+    "int4:group=0",
+    "kivi:b=2",
+    "kivi:b=4",
+    "kivi:b=2,residual=0",
+    *ROTATED_SPECS,
+]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)

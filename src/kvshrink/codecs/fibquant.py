@@ -89,6 +89,9 @@ class FibQuantConfig(CodecConfig):
     center: bool = False
     sinks: int = 0
     window: int = 0
+    # keys coded before RoPE (KVQuant): the codec maths is unchanged; whoever holds the cache
+    # encodes pre-RoPE keys and re-applies RoPE after decoding (eval.methods, cache)
+    prerope: bool = False
 
     def __post_init__(self) -> None:
         if self.k not in BLOCK_SIZES:

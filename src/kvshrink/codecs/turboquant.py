@@ -49,6 +49,9 @@ class TurboQuantConfig(CodecConfig):
     center: bool = False
     sinks: int = 0
     window: int = 0
+    # keys coded before RoPE (KVQuant): the codec maths is unchanged; whoever holds the cache
+    # encodes pre-RoPE keys and re-applies RoPE after decoding (eval.methods, cache)
+    prerope: bool = False
 
     def __post_init__(self) -> None:
         for opt in ("b", "kb", "vb"):

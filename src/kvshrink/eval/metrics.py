@@ -63,30 +63,27 @@ def attention_fidelity(
     """Attention-output cosine and key inner-product error for one layer.
 
     q ``[B, Hq, n, d]`` at positions ``q_pos`` ``[n]``; k, v, k_hat, v_hat ``[B, Hkv, T, d]``.
+    Query heads are grouped onto their KV head (GQA) instead of repeating K and V; matmuls run
+    in fp32 (errors of interest are >= 1e-6 relative) and sums accumulate in fp64.
     """
-    b, hq = q.shape[0], q.shape[1]
+    b, hq, n, d = q.shape
     hkv, t = k.shape[1], k.shape[2]
     rep = hq // hkv
-    q = q.double()
-
-    def expand(x: torch.Tensor) -> torch.Tensor:  # [B, Hkv, T, d] -> [B, Hq, T, d]
-        return x.double().repeat_interleave(rep, dim=1)
-
-    k, v, k_hat, v_hat = expand(k), expand(v), expand(k_hat), expand(v_hat)
-    vis = _visible(q_pos.cpu(), t, window).to(q.device)  # [n, T]
-    s = torch.einsum("bhnd,bhtd->bhnt", q, k)
-    s_hat = torch.einsum("bhnd,bhtd->bhnt", q, k_hat)
-    neg = torch.finfo(torch.float64).min
-    o = torch.softmax((s * scaling).masked_fill(~vis, neg), -1) @ v
-    o_hat = torch.softmax((s_hat * scaling).masked_fill(~vis, neg), -1) @ v_hat
-    cos = torch.nn.functional.cosine_similarity(o, o_hat, dim=-1, eps=1e-30)  # [B, Hq, n]
-    norm = q.norm(dim=-1)[..., None] * k.norm(dim=-1)[:, :, None, :]  # [B, Hq, n, T]
+    qg = q.float().reshape(b, hkv, rep * n, d)  # [B, Hkv, G*n, d]: head h -> kv head h // rep
+    k, v, k_hat, v_hat = (x.float() for x in (k, v, k_hat, v_hat))
+    vis = _visible(q_pos.cpu(), t, window).to(q.device).repeat(rep, 1)  # [G*n, T]
+    s = qg @ k.transpose(-1, -2)  # [B, Hkv, G*n, T]
+    s_hat = qg @ k_hat.transpose(-1, -2)
+    o = torch.softmax((s * scaling).masked_fill(~vis, float("-inf")), -1) @ v
+    o_hat = torch.softmax((s_hat * scaling).masked_fill(~vis, float("-inf")), -1) @ v_hat
+    cos = torch.nn.functional.cosine_similarity(o, o_hat, dim=-1, eps=1e-30)  # [B, Hkv, G*n]
+    norm = qg.norm(dim=-1)[..., None] * k.norm(dim=-1)[:, :, None, :]  # [B, Hkv, G*n, T]
     rel = ((s_hat - s) / norm.clamp_min(1e-30)).masked_fill(~vis, 0.0)
     return AttnFidelity(
-        cos_sum=float(cos.sum()),
+        cos_sum=float(cos.double().sum()),
         n_queries=cos.numel(),
-        ip_sq_sum=float((rel**2).sum()),
-        n_pairs=int(vis.sum()) * b * hq,
+        ip_sq_sum=float(rel.double().pow(2).sum()),
+        n_pairs=int(vis.sum()) * b * hkv,
     )
 
 

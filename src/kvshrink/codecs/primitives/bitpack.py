@@ -31,8 +31,10 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     _check(bits)
     n = codes.shape[-1]
     lead = codes.shape[:-1]
-    codes = codes.reshape(-1, n).to(torch.int64)
     nb = row_bytes(n, bits)
+    if codes.numel() == 0:
+        return torch.zeros(*lead, nb, dtype=torch.uint8, device=codes.device)
+    codes = codes.reshape(-1, n).to(torch.int64)
     if bits in (1, 2, 4, 8):
         per = 8 // bits
         pad = (-n) % per
@@ -61,6 +63,8 @@ def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if nb != row_bytes(n, bits):
         raise InputError(f"packed rows hold {nb} bytes, expected {row_bytes(n, bits)} for {n}x{bits} bits")
     lead = packed.shape[:-1]
+    if packed.numel() == 0:
+        return torch.zeros(*lead, n, dtype=torch.int64, device=packed.device)
     p = packed.reshape(-1, nb).to(torch.int64)
     if bits in (1, 2, 4, 8):
         per = 8 // bits
