@@ -72,17 +72,21 @@ def attention_fidelity(
     qg = q.float().reshape(b, hkv, rep * n, d)  # [B, Hkv, G*n, d]: head h -> kv head h // rep
     k, v, k_hat, v_hat = (x.float() for x in (k, v, k_hat, v_hat))
     vis = _visible(q_pos.cpu(), t, window).to(q.device).repeat(rep, 1)  # [G*n, T]
+    neg = torch.zeros(vis.shape).masked_fill_(~vis, float("-inf"))  # additive mask [G*n, T]
     s = qg @ k.transpose(-1, -2)  # [B, Hkv, G*n, T]
     s_hat = qg @ k_hat.transpose(-1, -2)
-    o = torch.softmax((s * scaling).masked_fill(~vis, float("-inf")), -1) @ v
-    o_hat = torch.softmax((s_hat * scaling).masked_fill(~vis, float("-inf")), -1) @ v_hat
+    o = torch.softmax(torch.addcmul(neg, s, torch.tensor(scaling)), -1) @ v
+    o_hat = torch.softmax(torch.addcmul(neg, s_hat, torch.tensor(scaling)), -1) @ v_hat
     cos = torch.nn.functional.cosine_similarity(o, o_hat, dim=-1, eps=1e-30)  # [B, Hkv, G*n]
-    norm = qg.norm(dim=-1)[..., None] * k.norm(dim=-1)[:, :, None, :]  # [B, Hkv, G*n, T]
-    rel = ((s_hat - s) / norm.clamp_min(1e-30)).masked_fill(~vis, 0.0)
+    # q·(k̂-k)/(‖q‖‖k‖) as one matmul of unit queries against norm-scaled key errors
+    qn = qg / qg.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    dk = (k_hat - k) / k.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    rel2 = (qn @ dk.transpose(-1, -2)).square_()  # [B, Hkv, G*n, T]
+    ip_sq = float((rel2 * vis).sum(dtype=torch.float64))
     return AttnFidelity(
         cos_sum=float(cos.double().sum()),
         n_queries=cos.numel(),
-        ip_sq_sum=float(rel.double().pow(2).sum()),
+        ip_sq_sum=ip_sq,
         n_pairs=int(vis.sum()) * b * hkv,
     )
 
