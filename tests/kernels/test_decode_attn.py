@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from kvshrink.codecs import CODECS as REGISTRY
 from kvshrink.codecs import Codec, make_codec
 from kvshrink.kernels import Window, decode_attention, decode_attention_ref, dequantize, layout_of
 
@@ -16,9 +17,9 @@ from .vq_stub import StubVQ
 # (id, codec factory): every layout the kernel specializes on; KIVI without its own residual
 # (recent tokens come as the window)
 CODECS = {
-    "int4": lambda: make_codec("int4"),
+    "int4": lambda: make_codec("int4:group=0"),
     "int4-group32": lambda: make_codec("int4:group=32"),
-    "int8": lambda: make_codec("int8"),
+    "int8": lambda: make_codec("int8:group=0"),
     "kivi2": lambda: make_codec("kivi:b=2,residual=0"),
     "kivi4-group16": lambda: make_codec("kivi:b=4,group=16,residual=0"),
     "tq-b1": lambda: StubVQ(1),
@@ -30,6 +31,10 @@ CODECS = {
     "fq-k4-b8": lambda: StubVQ(8, 4),
     "fq-k8-b8": lambda: StubVQ(8, 8),
 }
+# the real rotation codecs, once registered (their layout is the stub's)
+for _spec in ("turboquant:b=3", "fibquant:b=2,k=2"):
+    if _spec.split(":")[0] in REGISTRY:
+        CODECS[_spec] = lambda _spec=_spec: make_codec(_spec)
 
 
 def _case(
@@ -83,8 +88,20 @@ def test_decode_attention_triton(name: str) -> None:
     pytest.importorskip("triton")
     codec = CODECS[name]()
     q, pk, pv, lengths, window = _case(codec)
-    out = decode_attention(q, pk, pv, lengths, window, codec=codec, backend="triton", config={"BT": 32})
+    out = decode_attention(
+        q, pk, pv, lengths, window, codec=codec, backend="triton", config={"BT": 32, "sub": True}
+    )
     assert out.shape == q.shape and out.dtype == q.dtype
+    assert_close_to_reference(out, q, pk, pv, lengths, window, codec)
+
+
+@pytest.mark.parametrize("name", ["int4", "kivi2", "tq-b2", "tq-b3"])
+def test_decode_attention_triton_stream_major(name: str) -> None:
+    """The general (stream-major) kernel on scalar layouts, with the default block size."""
+    pytest.importorskip("triton")
+    codec = CODECS[name]()
+    q, pk, pv, lengths, window = _case(codec, seed=9)
+    out = decode_attention(q, pk, pv, lengths, window, codec=codec, backend="triton", config={"sub": False})
     assert_close_to_reference(out, q, pk, pv, lengths, window, codec)
 
 

@@ -27,7 +27,10 @@ STUBS = {
 def assert_same_codes(x: torch.Tensor, codec, role: str, codes: torch.Tensor, norm: torch.Tensor) -> None:
     """Equal to the codec's encode; a differing index must be a near-tie of the two codewords."""
     packed = codec.encode(x, role)
-    assert torch.equal(norm, packed.tensors["norm"])
+    # fp32 sums in another order can round a norm to the neighbouring fp16 value, rarely
+    want = packed.tensors["norm"].float()
+    rel = (norm.float() - want).abs() / want.clamp_min(1e-30)
+    assert rel.max() <= 2**-10 and (rel > 0).float().mean() <= 1e-3
     if torch.equal(codes, packed.tensors["codes"]):
         return
     from kvshrink.codecs.primitives.bitpack import unpack_rows

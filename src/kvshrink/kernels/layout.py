@@ -26,7 +26,15 @@ import torch
 from ..codecs.base import Codec, Packed, Role
 from ..core.errors import InputError
 
-__all__ = ["CodeLayout", "VQCodec", "dequantize", "layout_of", "rotation_matrix", "supported_bits"]
+__all__ = [
+    "CodeLayout",
+    "VQCodec",
+    "dequantize",
+    "layout_of",
+    "packed_unsupported",
+    "rotation_matrix",
+    "supported_bits",
+]
 
 Kind = Literal["token", "channel", "vq"]
 supported_bits = (1, 2, 3, 4, 6, 8)
@@ -80,6 +88,26 @@ class CodeLayout:
         if self.kind == "channel" and self.group & (self.group - 1):
             return f"token group {self.group} is not a power of two"
         return None
+
+
+_KNOWN = {"token": {"codes", "scale", "min"}, "channel": {"codes", "scale", "min"}, "vq": {"codes", "norm"}}
+
+
+def packed_unsupported(packed: Packed, layout: CodeLayout, d: int) -> str | None:
+    """Why the kernels cannot read ``packed`` as ``layout`` (None: they can).
+
+    Tensors they do not know would change the maths (a QJL sketch, a stored key mean) or the token
+    order (codec-held sinks/window: pass recent tokens as the kernel's window instead); KIVI's
+    ``residual`` is ignored by design. Mixed-radix or padded index rows are not read either.
+    """
+    extra = set(packed.tensors) - _KNOWN[layout.kind] - {"residual"}
+    extra = {k for k in extra if packed.tensors[k].numel()}
+    if extra:
+        return f"packed tensors {sorted(extra)} are not read by the kernel"
+    meta = packed.meta
+    if meta.get("radix_width", 0) or meta.get("pad", 0):
+        return "mixed-radix or padded index rows"
+    return layout.unsupported(d)
 
 
 def _is_vq(codec: Codec) -> bool:

@@ -13,6 +13,8 @@ from typing import Literal
 import torch
 
 from ...codecs.base import Codec, Packed, make_codec
+from ...core.errors import KvshrinkError
+from ..layout import layout_of, packed_unsupported
 from .reference import Window, decode_attention_ref
 
 __all__ = ["Window", "decode_attention", "decode_attention_ref", "triton_available"]
@@ -23,6 +25,17 @@ Backend = Literal["auto", "triton", "reference"]
 def triton_available() -> bool:
     """Triton is importable (checked without importing it)."""
     return importlib.util.find_spec("triton") is not None
+
+
+def _unsupported(keys: Packed, values: Packed, codec: Codec, d: int) -> str | None:
+    for packed, role in ((keys, "key"), (values, "value")):
+        try:
+            why = packed_unsupported(packed, layout_of(codec, role, d), d)  # type: ignore[arg-type]
+        except KvshrinkError as e:
+            return str(e)
+        if why:
+            return why
+    return None
 
 
 def decode_attention(
@@ -63,6 +76,8 @@ def decode_attention(
     """
     codec = codec or make_codec(keys.spec)
     use_triton = backend == "triton" or (backend == "auto" and q.is_cuda and triton_available())
+    if use_triton and backend == "auto" and _unsupported(keys, values, codec, q.shape[-1]):
+        use_triton = False  # e.g. TurboQuant-prod's QJL sketch: the reference handles it
     if use_triton:
         from .kernel import decode_attention_triton
 

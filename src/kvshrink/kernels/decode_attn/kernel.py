@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 
 from ...codecs.base import Codec, Packed
-from ..layout import CodeLayout, layout_of, rotation_matrix
+from ..layout import CodeLayout, layout_of, packed_unsupported, rotation_matrix
+from .kernel_sub import _split_sub_kernel, _window_partial
 from .reference import Window
 
 __all__ = ["DecodeConfig", "decode_attention_triton"]
@@ -304,30 +305,25 @@ def _split_kernel(
             tl.store(o_ptr + part[:, None] * D + chan_v[None, :], o, mask=gmask[:, None])
             tl.store(lse_ptr + part, m_i + tl.log2(l_i), mask=gmask)
     else:
-        if HAS_WIN:  # the fp16 recent window, natural channel order, unrotated query
-            WL = tl.load(wlen_ptr + b)
-            if WL > 0:
-                qn = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0)
-                qn = qn.to(tl.float16)
-                m_i = tl.full([BG], float("-inf"), tl.float32)
-                l_i = tl.zeros([BG], tl.float32)
-                acc = tl.zeros([BG, D], tl.float32)
-                for t0 in range(0, WL, BT):
-                    offs = t0 + tl.arange(0, BT)
-                    tmask = offs < WL
-                    rows = bh.to(tl.int64) * W + offs
-                    kw = tl.load(wk_ptr + rows[:, None] * D + d[None, :], mask=tmask[:, None], other=0.0)
-                    s = tl.dot(qn, tl.trans(kw.to(tl.float16)))
-                    s = tl.where(tmask[None, :], s * qk_scale, float("-inf"))
-                    m_new = tl.maximum(m_i, tl.max(s, 1))
-                    alpha = tl.exp2(m_i - m_new)
-                    p = tl.exp2(s - m_new[:, None])
-                    l_i = l_i * alpha + tl.sum(p, 1)
-                    vw = tl.load(wv_ptr + rows[:, None] * D + d[None, :], mask=tmask[:, None], other=0.0)
-                    acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), vw.to(tl.float16))
-                    m_i = m_new
-                tl.store(o_ptr + part[:, None] * D + d[None, :], acc / l_i[:, None], mask=gmask[:, None])
-                tl.store(lse_ptr + part, m_i + tl.log2(l_i), mask=gmask)
+        if HAS_WIN:
+            _window_partial(
+                q_ptr,
+                wk_ptr,
+                wv_ptr,
+                wlen_ptr,
+                o_ptr,
+                lse_ptr,
+                qk_scale,
+                W,
+                b,
+                bh,
+                qrow,
+                gmask,
+                part,
+                D,
+                BG,
+                BT,
+            )
 
 
 @triton.jit
@@ -397,7 +393,9 @@ def _reduce_kernel(
 
 class DecodeConfig(dict):
     """Launch knobs: ``BT`` tokens per block, ``num_warps``, ``num_stages``, ``programs``
-    (target split programs; default 4 per SM), ``select`` (selects for N <= 4 scalar levels)."""
+    (target split programs; default 4 per SM), ``select`` (selects instead of a gather for
+    N <= 4 scalar levels), ``sub`` (True/False: force the sub-stream kernel on or off; None: where
+    it measured faster)."""
 
 
 _STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -449,6 +447,65 @@ def _role_args(lay: CodeLayout, d: int, bt: int, select: bool) -> tuple:
     )
 
 
+# Measured on an H100 (docs/results/decode-attention-h100.json, "sweep"): BT=128 with 4 warps and
+# 2 stages was the fastest or within noise of it for every codec; gathers beat selects for N=4.
+_DEFAULTS = {"BT": 128, "num_warps": 4, "num_stages": 2, "programs": 0, "select": False, "sub": None}
+
+
+def _sub_measured_faster(lay: CodeLayout) -> bool:
+    """Where the sub-stream kernel beat the stream-major one in the H100 sweep.
+
+    int4/int8 (411 vs 478 us at B=8, L=32k) and 2-bit TurboQuant (524 vs 603 us) gain; KIVI (its
+    keys need BT = group = 32) and 3/4-bit TurboQuant lose, so they keep the general kernel.
+    """
+    return (lay.kind == "token" and not lay.has_min) or (lay.kind == "vq" and lay.vec == 1 and lay.bits <= 2)
+
+
+def _sub_ok(lk: CodeLayout, lv: CodeLayout, d: int, cuda: bool) -> bool:
+    """Whether the sub-stream kernel takes these layouts (scalar indices, same width, d/P >= 16)."""
+    same = lk.vec == lv.vec == 1 and lk.bits == lv.bits
+    narrow = same and d // lk.per_word >= 16
+    return same and (narrow or not cuda) and (lk.kind != "channel" or lk.group >= 16)
+
+
+def _sub_word(lay: CodeLayout, d: int, min_nw: int) -> tuple[int, int, int]:
+    """Widest word (bytes) whose ``P <= 8`` indices leave ``d/P >= min_nw`` channels per sub-stream.
+
+    Wider words mean fewer loads, masks and pointer updates per index; the kernel reads them as
+    int16/int32 (little-endian, so index ``P·w + r`` still sits at bits ``r·bits``). Keys take the
+    widest (their dots split tokens across warps); values need ``d/P`` wide enough to split over
+    the warps, else every warp would redo the same sub-stream.
+    """
+    if lay.word_bytes == 3:
+        return 3, lay.per_word, d // lay.per_word
+    for wby in (4, 2):
+        per = wby * 8 // lay.bits
+        fits = per <= 8 and d % per == 0 and lay.row_bytes(d) % wby == 0
+        groups_ok = lay.kind != "token" or (lay.group or d) % per == 0  # a scale group spans whole words
+        if fits and groups_ok and d // per >= min_nw:
+            return wby, per, d // per
+    return 1, lay.per_word, d // lay.per_word
+
+
+def _word_args(lay: CodeLayout, d: int, word: tuple[int, int, int]) -> tuple[int, int, int, int]:
+    """(P, NW, WB, RB) constexprs: indices per word, words per row, 3-byte flag, row stride in words."""
+    wby, per, nw = word
+    return per, nw, 3 if wby == 3 else 1, lay.row_bytes(d) // (1 if wby == 3 else wby)
+
+
+def _as_words(codes: torch.Tensor, wby: int) -> torch.Tensor:
+    return codes.view({2: torch.int16, 4: torch.int32}[wby]) if wby in (2, 4) else codes
+
+
+def _sub_args(lay: CodeLayout, d: int, select: bool) -> tuple:
+    """The ``K_*``/``V_*`` constexprs of the sub-stream kernel."""
+    group = lay.group or d
+    fold = lay.kind == "token" and group == d and not lay.has_min
+    sel = lay.kind == "vq" and select and lay.levels <= 4
+    ng = d // group if lay.kind == "token" else 1
+    return (_KIND[lay.kind], max(lay.levels, 2), sel, fold, lay.zero, group, ng, lay.has_min)
+
+
 def _role_tensors(packed: Packed, lay: CodeLayout, vq: dict | None, role: str, dummy: torch.Tensor):
     tz = packed.tensors
     codes = tz["codes"].contiguous()
@@ -471,19 +528,21 @@ def decode_attention_triton(
     config: dict | None = None,
 ) -> torch.Tensor:
     """Launch split + reduce. Shapes as in :func:`kvshrink.kernels.decode_attn.decode_attention`."""
-    cfg = {"BT": 64, "num_warps": 4, "num_stages": 2, "programs": 0, "select": True, **(config or {})}
+    cfg = {**_DEFAULTS, **(config or {})}
     b, hq, d = q.shape
     codes_k = keys.tensors["codes"]
     hkv, t = codes_k.shape[1], codes_k.shape[2]
     g = hq // hkv
     lk, lv = layout_of(codec, "key", d), layout_of(codec, "value", d)
-    for lay in (lk, lv):
-        why = lay.unsupported(d)
+    for lay, packed in ((lk, keys), (lv, values)):
+        why = packed_unsupported(packed, lay, d)
         if why:
             raise ValueError(f"{codec.spec}: no Triton kernel for this layout: {why}")
     bt = cfg["BT"]
+    want_sub = _sub_measured_faster(lk) if cfg["sub"] is None else cfg["sub"]
+    sub = want_sub and _sub_ok(lk, lv, d, q.is_cuda)
     if lk.kind == "channel":
-        bt = max(bt, 16)
+        bt = min(bt, lk.group) if sub else max(bt, 16)
     vq = _vq_tensors(codec, d, q.device) if "vq" in (lk.kind, lv.kind) else None
     dummy = q
     kc, ks, km, cbk, tgk = _role_tensors(keys, lk, vq, "key", dummy)
@@ -510,41 +569,31 @@ def decode_attention_triton(
     out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
     qk_scale = (1.0 / math.sqrt(d) if scale is None else scale) * math.log2(math.e)
     qc = q.contiguous()
-    _split_kernel[(ns + has_win, b * hkv)](
-        qc,
-        kc,
-        ks,
-        km,
-        vc,
-        vs,
-        vm,
-        rot16,
-        cbk,
-        cbv,
-        lengths,
-        wk,
-        wv,
-        wlen,
-        o_part,
-        lse_part,
-        qk_scale,
-        hkv,
-        t,
-        tgk,
-        tgv,
-        w_cap,
-        ns,
-        split,
-        g,
-        bg,
-        d,
-        bt,
-        has_win,
-        *_role_args(lk, d, bt, cfg["select"]),
-        *_role_args(lv, d, bt, cfg["select"]),
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )
+    grid = (ns + has_win, b * hkv)
+    common = (qc, kc, ks, km, vc, vs, vm, rot16, cbk, cbv, lengths, wk, wv, wlen, o_part, lse_part)
+    common += (qk_scale, hkv, t, tgk, tgv, w_cap, ns, split, g, bg, d, bt, has_win)
+    if sub:
+        kw = _sub_word(lk, d, 16)
+        vw = _sub_word(lv, d, 16 * cfg["num_warps"])
+        common = (qc, _as_words(kc, kw[0]), ks, km, _as_words(vc, vw[0]), *common[5:])
+        _split_sub_kernel[grid](
+            *common,
+            lk.bits,
+            *_word_args(lk, d, kw),
+            *_word_args(lv, d, vw),
+            *_sub_args(lk, d, cfg["select"]),
+            *_sub_args(lv, d, cfg["select"]),
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )
+    else:
+        _split_kernel[grid](
+            *common,
+            *_role_args(lk, d, bt, cfg["select"]),
+            *_role_args(lv, d, bt, cfg["select"]),
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )
     _reduce_kernel[(b * hkv,)](
         o_part,
         lse_part,

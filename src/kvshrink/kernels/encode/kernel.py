@@ -50,17 +50,24 @@ def _encode_kernel(
     nrm = tl.sqrt(tl.sum(x * x, 1))
     u = x / tl.maximum(nrm, 1.1754943508222875e-38)[:, None]
     rot_t = tl.load(rot_ptr + d[None, :] * D + d[:, None])  # [D, D]: Πᵀ
-    y = tl.dot(u, rot_t, input_precision="ieee")  # [BM, D] rotated unit vectors
-    y3 = tl.reshape(y, (BM, D // VEC, VEC))
+    y = tl.dot(u, rot_t, input_precision="tf32x3")  # [BM, D] rotated unit vectors (3xTF32 ~ fp32)
     best = tl.full((BM, D // VEC), float("inf"), tl.float32)
     arg = tl.zeros((BM, D // VEC), tl.int32)
-    cv = tl.arange(0, VEC)
-    for n in range(NLEV):
-        c = tl.load(cb_ptr + n * VEC + cv)  # [VEC]
-        dist = tl.load(cn2_ptr + n) - 2.0 * tl.sum(y3 * c[None, None, :], 2)  # [BM, R]
-        better = dist < best
-        best = tl.where(better, dist, best)
-        arg = tl.where(better, n, arg)
+    if VEC == 1:  # scalar levels: no block axis to reduce
+        for n in range(NLEV):
+            dist = tl.load(cn2_ptr + n) - 2.0 * (y * tl.load(cb_ptr + n))  # [BM, D]
+            better = dist < best
+            best = tl.where(better, dist, best)
+            arg = tl.where(better, n, arg)
+    else:
+        y3 = tl.reshape(y, (BM, D // VEC, VEC))
+        cv = tl.arange(0, VEC)
+        for n in range(NLEV):
+            c = tl.load(cb_ptr + n * VEC + cv)  # [VEC]
+            dist = tl.load(cn2_ptr + n) - 2.0 * tl.sum(y3 * c[None, None, :], 2)  # [BM, R]
+            better = dist < best
+            best = tl.where(better, dist, best)
+            arg = tl.where(better, n, arg)
     shifts = tl.arange(0, P) * BITS
     words = tl.sum(tl.reshape(arg, (BM, NW, P)) << shifts[None, None, :], 2)  # [BM, NW]
     bh = rows // T
@@ -86,7 +93,7 @@ def encode_vq_triton(
     norm_out: torch.Tensor,
     start: torch.Tensor,
     block: int = 32,
-    num_warps: int = 4,
+    num_warps: int = 8,
 ) -> None:
     """Encode ``x`` [B, Hkv, T, d] into ``codes_out``/``norm_out`` [B, Hkv, TCAP, ...] at ``start[b]+t``."""
     b, hkv, t, d = x.shape

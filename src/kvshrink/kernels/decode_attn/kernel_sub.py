@@ -1,0 +1,528 @@
+"""Split-K decode attention for scalar-index layouts, one ``tl.dot`` per sub-stream (the fast path).
+
+The general kernel (``kernel.py``) unpacks a whole ``[BT, d]`` tile in stream-major order with
+per-element shift amounts; on an H100 that made it instruction-bound (~40 instructions per token
+per warp, 255 registers, one program per SM). Here each of the ``P`` indices that share a word is
+its own *sub-stream* ``r`` (channels ``P·w + r``): a constant shift and mask give a ``[BT, NW]``
+tile, and scores are ``Σ_r q_r · y_rᵀ``, values ``acc_r += p · y_r`` with ``P`` accumulators.
+Scales are folded out of the per-element path wherever the layout allows:
+
+- int4/int8 with one scale per token: ``score = s_t (q·c − Z Σq)``, ``acc += (p s_t)·c − Z Σ p s_t``;
+- KIVI keys (one scale/min row per group of ``BT`` tokens): ``q̃ = q ⊙ s_g``, bias ``q·m_g``;
+- TurboQuant: ``score = norm_t (q'·ŷ)``, ``acc += (p norm_t)·ŷ`` (ŷ gathered or selected).
+
+Only KIVI values (a scale per group of channels) dequantize per element, in fp16.
+Requires ``vec == 1``, the same bits for keys and values, and ``d/P >= 16`` (``tl.dot``).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _words(c_ptr, rows, tmask, RB: tl.constexpr, NW: tl.constexpr, WB: tl.constexpr):
+    """``[BT, NW]`` int32 words of ``WB`` bytes, each holding ``P`` whole indices."""
+    w = tl.arange(0, NW)
+    base = c_ptr + rows[:, None] * RB
+    if WB == 1:
+        return tl.load(base + w[None, :], mask=tmask[:, None], other=0).to(tl.int32)
+    b0 = tl.load(base + 3 * w[None, :], mask=tmask[:, None], other=0).to(tl.int32)
+    b1 = tl.load(base + 3 * w[None, :] + 1, mask=tmask[:, None], other=0).to(tl.int32)
+    b2 = tl.load(base + 3 * w[None, :] + 2, mask=tmask[:, None], other=0).to(tl.int32)
+    return b0 | (b1 << 8) | (b2 << 16)
+
+
+@triton.jit
+def _sub(
+    words,
+    r: tl.constexpr,
+    BITS: tl.constexpr,
+    KIND: tl.constexpr,
+    NLEV: tl.constexpr,
+    SEL: tl.constexpr,
+    FOLD: tl.constexpr,
+    cb_ptr,
+    s_bc,
+    m_bc,
+    HAS_MIN: tl.constexpr,
+):
+    """Sub-stream ``r`` of a word tile as an fp16 ``[BT, NW]`` operand."""
+    idx = (words >> (r * BITS)) & ((1 << BITS) - 1)
+    if KIND == 2:
+        if SEL:
+            c0 = tl.load(cb_ptr)
+            c1 = tl.load(cb_ptr + 1)
+            if NLEV == 2:
+                y = tl.where(idx == 0, c0, c1)
+            else:
+                c2 = tl.load(cb_ptr + 2)
+                c3 = tl.load(cb_ptr + 3)
+                y = tl.where(idx < 2, tl.where(idx == 0, c0, c1), tl.where(idx == 2, c2, c3))
+        else:
+            y = tl.load(cb_ptr + idx)
+        return y.to(tl.float16)
+    y = idx.to(tl.float16)  # exact: codes < 256
+    if not FOLD:
+        y = y * s_bc
+        if HAS_MIN:
+            y = y + m_bc
+    return y
+
+
+@triton.jit
+def _qsub(
+    q_ptr,
+    rot_ptr,
+    qrow,
+    gmask,
+    r: tl.constexpr,
+    ROT: tl.constexpr,
+    D: tl.constexpr,
+    P: tl.constexpr,
+    NW: tl.constexpr,
+):
+    """Query channels ``P·w + r`` (rotated by Π when ``ROT``), fp32 ``[BG, NW]``."""
+    w = tl.arange(0, NW)
+    if ROT:
+        d = tl.arange(0, D)
+        qn = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0)
+        rows = tl.load(rot_ptr + (P * w + r)[None, :] * D + d[:, None])  # [D, NW] = Π[P·w+r, j]
+        return tl.dot(qn.to(tl.float16), rows)
+    return tl.load(q_ptr + qrow[:, None] * D + (P * w + r)[None, :], mask=gmask[:, None], other=0.0).to(
+        tl.float32
+    )
+
+
+@triton.jit
+def _kscale(
+    q, ks_ptr, km_ptr, srow, gok, r: tl.constexpr, D: tl.constexpr, P: tl.constexpr, NW: tl.constexpr
+):
+    """KIVI keys: fold the block's per-channel scale into ``q_r``; return (q̃_r fp16, q_r·m_r)."""
+    w = tl.arange(0, NW)
+    s = tl.load(ks_ptr + srow * D + P * w + r, mask=gok, other=0.0).to(tl.float32)
+    m = tl.load(km_ptr + srow * D + P * w + r, mask=gok, other=0.0).to(tl.float32)
+    return (q * s[None, :]).to(tl.float16), tl.sum(q * m[None, :], 1)
+
+
+@triton.jit
+def _store_sub(o_ptr, part, gmask, acc, r: tl.constexpr, D: tl.constexpr, P: tl.constexpr, NW: tl.constexpr):
+    w = tl.arange(0, NW)
+    tl.store(o_ptr + part[:, None] * D + (P * w + r)[None, :], acc, mask=gmask[:, None])
+
+
+@triton.jit
+def _window_partial(
+    q_ptr,
+    wk_ptr,
+    wv_ptr,
+    wlen_ptr,
+    o_ptr,
+    lse_ptr,
+    qk_scale,
+    W,
+    b,
+    bh,
+    qrow,
+    gmask,
+    part,
+    D: tl.constexpr,
+    BG: tl.constexpr,
+    BT: tl.constexpr,
+):
+    """The fp16 recent window: natural channel order, unrotated query, its own partial slot."""
+    d = tl.arange(0, D)
+    WL = tl.load(wlen_ptr + b)
+    if WL > 0:
+        qn = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0).to(tl.float16)
+        m_i = tl.full([BG], float("-inf"), tl.float32)
+        l_i = tl.zeros([BG], tl.float32)
+        acc = tl.zeros([BG, D], tl.float32)
+        for t0 in range(0, WL, BT):
+            offs = t0 + tl.arange(0, BT)
+            tmask = offs < WL
+            rows = bh.to(tl.int64) * W + offs
+            kw = tl.load(wk_ptr + rows[:, None] * D + d[None, :], mask=tmask[:, None], other=0.0)
+            s = tl.dot(qn, tl.trans(kw.to(tl.float16)))
+            s = tl.where(tmask[None, :], s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vw = tl.load(wv_ptr + rows[:, None] * D + d[None, :], mask=tmask[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), vw.to(tl.float16))
+            m_i = m_new
+        tl.store(o_ptr + part[:, None] * D + d[None, :], acc / l_i[:, None], mask=gmask[:, None])
+        tl.store(lse_ptr + part, m_i + tl.log2(l_i), mask=gmask)
+
+
+@triton.jit
+def _split_sub_kernel(
+    q_ptr,
+    kc_ptr,
+    ks_ptr,
+    km_ptr,
+    vc_ptr,
+    vs_ptr,
+    vm_ptr,
+    rot_ptr,
+    cbk_ptr,
+    cbv_ptr,
+    len_ptr,
+    wk_ptr,
+    wv_ptr,
+    wlen_ptr,
+    o_ptr,
+    lse_ptr,
+    qk_scale,
+    Hkv,
+    T,
+    TGK,
+    TGV,
+    W,
+    NS,
+    SPLIT,
+    G: tl.constexpr,
+    BG: tl.constexpr,
+    D: tl.constexpr,
+    BT: tl.constexpr,
+    HAS_WIN: tl.constexpr,
+    BITS: tl.constexpr,
+    PK: tl.constexpr,
+    NWK: tl.constexpr,
+    WBK: tl.constexpr,
+    RBK: tl.constexpr,
+    PV: tl.constexpr,
+    NWV: tl.constexpr,
+    WBV: tl.constexpr,
+    RBV: tl.constexpr,
+    K_KIND: tl.constexpr,
+    K_NLEV: tl.constexpr,
+    K_SEL: tl.constexpr,
+    K_FOLD: tl.constexpr,
+    K_ZERO: tl.constexpr,
+    K_GROUP: tl.constexpr,
+    K_NG: tl.constexpr,
+    K_MIN: tl.constexpr,
+    V_KIND: tl.constexpr,
+    V_NLEV: tl.constexpr,
+    V_SEL: tl.constexpr,
+    V_FOLD: tl.constexpr,
+    V_ZERO: tl.constexpr,
+    V_GROUP: tl.constexpr,
+    V_NG: tl.constexpr,
+    V_MIN: tl.constexpr,
+):
+    sid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hkv
+    g = tl.arange(0, BG)
+    gmask = g < G
+    qrow = (bh * G + g).to(tl.int64)
+    part = qrow * (NS + HAS_WIN) + sid
+    if sid < NS:
+        L = tl.load(len_ptr + b)
+        start = sid * SPLIT
+        if start < L:
+            end = tl.minimum(start + SPLIT, L)
+            ROT: tl.constexpr = K_KIND == 2
+            q0 = (
+                _qsub(q_ptr, rot_ptr, qrow, gmask, 0, ROT, D, PK, NWK)
+                if PK > 0
+                else tl.zeros([BG, NWK], tl.float32)
+            )
+            h0 = q0.to(tl.float16)
+            a0 = tl.zeros([BG, NWV], tl.float32)
+            q1 = (
+                _qsub(q_ptr, rot_ptr, qrow, gmask, 1, ROT, D, PK, NWK)
+                if PK > 1
+                else tl.zeros([BG, NWK], tl.float32)
+            )
+            h1 = q1.to(tl.float16)
+            a1 = tl.zeros([BG, NWV], tl.float32)
+            q2 = (
+                _qsub(q_ptr, rot_ptr, qrow, gmask, 2, ROT, D, PK, NWK)
+                if PK > 2
+                else tl.zeros([BG, NWK], tl.float32)
+            )
+            h2 = q2.to(tl.float16)
+            a2 = tl.zeros([BG, NWV], tl.float32)
+            q3 = (
+                _qsub(q_ptr, rot_ptr, qrow, gmask, 3, ROT, D, PK, NWK)
+                if PK > 3
+                else tl.zeros([BG, NWK], tl.float32)
+            )
+            h3 = q3.to(tl.float16)
+            a3 = tl.zeros([BG, NWV], tl.float32)
+            q4 = (
+                _qsub(q_ptr, rot_ptr, qrow, gmask, 4, ROT, D, PK, NWK)
+                if PK > 4
+                else tl.zeros([BG, NWK], tl.float32)
+            )
+            h4 = q4.to(tl.float16)
+            a4 = tl.zeros([BG, NWV], tl.float32)
+            q5 = (
+                _qsub(q_ptr, rot_ptr, qrow, gmask, 5, ROT, D, PK, NWK)
+                if PK > 5
+                else tl.zeros([BG, NWK], tl.float32)
+            )
+            h5 = q5.to(tl.float16)
+            a5 = tl.zeros([BG, NWV], tl.float32)
+            q6 = (
+                _qsub(q_ptr, rot_ptr, qrow, gmask, 6, ROT, D, PK, NWK)
+                if PK > 6
+                else tl.zeros([BG, NWK], tl.float32)
+            )
+            h6 = q6.to(tl.float16)
+            a6 = tl.zeros([BG, NWV], tl.float32)
+            q7 = (
+                _qsub(q_ptr, rot_ptr, qrow, gmask, 7, ROT, D, PK, NWK)
+                if PK > 7
+                else tl.zeros([BG, NWK], tl.float32)
+            )
+            h7 = q7.to(tl.float16)
+            a7 = tl.zeros([BG, NWV], tl.float32)
+            qsum = tl.sum(h0.to(tl.float32), 1)
+            if PK > 1:
+                qsum += tl.sum(h1.to(tl.float32), 1)
+            if PK > 2:
+                qsum += tl.sum(h2.to(tl.float32), 1)
+            if PK > 3:
+                qsum += tl.sum(h3.to(tl.float32), 1)
+            if PK > 4:
+                qsum += tl.sum(h4.to(tl.float32), 1)
+            if PK > 5:
+                qsum += tl.sum(h5.to(tl.float32), 1)
+            if PK > 6:
+                qsum += tl.sum(h6.to(tl.float32), 1)
+            if PK > 7:
+                qsum += tl.sum(h7.to(tl.float32), 1)
+            m_i = tl.full([BG], float("-inf"), tl.float32)
+            l_i = tl.zeros([BG], tl.float32)
+            lz = tl.zeros([BG], tl.float32)  # Σ p·scale (folded value zero-point)
+            wk_idx = tl.arange(0, NWK)
+            wv_idx = tl.arange(0, NWV)
+            for t0 in range(start, end, BT):
+                offs = t0 + tl.arange(0, BT)
+                tmask = offs < end
+                rows = bh.to(tl.int64) * T + offs
+                wk = _words(kc_ptr, rows, tmask, RBK, NWK, WBK)
+                if K_KIND == 0 and not K_FOLD:
+                    gk = rows[:, None] * K_NG + (wk_idx // (K_GROUP // PK))[None, :]
+                    sk = tl.load(ks_ptr + gk, mask=tmask[:, None], other=0.0).to(tl.float16)
+                    mk = (sk.to(tl.float32) * -K_ZERO).to(tl.float16)  # symmetric: (c - Z)·s
+                    if K_MIN:
+                        mk = tl.load(km_ptr + gk, mask=tmask[:, None], other=0.0).to(tl.float16)
+                else:
+                    sk = tl.zeros([BT, NWK], tl.float16)
+                    mk = sk
+                if K_KIND == 1:  # one KIVI key group per block (BT <= GROUP)
+                    srow = bh.to(tl.int64) * TGK + t0 // K_GROUP
+                    gok = (t0 // K_GROUP) * K_GROUP < L
+                    if PK > 0:
+                        k0, c0 = _kscale(q0, ks_ptr, km_ptr, srow, gok, 0, D, PK, NWK)
+                    if PK > 1:
+                        k1, c1 = _kscale(q1, ks_ptr, km_ptr, srow, gok, 1, D, PK, NWK)
+                    if PK > 2:
+                        k2, c2 = _kscale(q2, ks_ptr, km_ptr, srow, gok, 2, D, PK, NWK)
+                    if PK > 3:
+                        k3, c3 = _kscale(q3, ks_ptr, km_ptr, srow, gok, 3, D, PK, NWK)
+                    if PK > 4:
+                        k4, c4 = _kscale(q4, ks_ptr, km_ptr, srow, gok, 4, D, PK, NWK)
+                    if PK > 5:
+                        k5, c5 = _kscale(q5, ks_ptr, km_ptr, srow, gok, 5, D, PK, NWK)
+                    if PK > 6:
+                        k6, c6 = _kscale(q6, ks_ptr, km_ptr, srow, gok, 6, D, PK, NWK)
+                    if PK > 7:
+                        k7, c7 = _kscale(q7, ks_ptr, km_ptr, srow, gok, 7, D, PK, NWK)
+                    bias = c0
+                    if PK > 1:
+                        bias += c1
+                    if PK > 2:
+                        bias += c2
+                    if PK > 3:
+                        bias += c3
+                    if PK > 4:
+                        bias += c4
+                    if PK > 5:
+                        bias += c5
+                    if PK > 6:
+                        bias += c6
+                    if PK > 7:
+                        bias += c7
+                    s = tl.dot(
+                        k0, tl.trans(_sub(wk, 0, BITS, K_KIND, K_NLEV, K_SEL, True, cbk_ptr, sk, mk, K_MIN))
+                    )
+                    if PK > 1:
+                        s += tl.dot(
+                            k1,
+                            tl.trans(_sub(wk, 1, BITS, K_KIND, K_NLEV, K_SEL, True, cbk_ptr, sk, mk, K_MIN)),
+                        )
+                    if PK > 2:
+                        s += tl.dot(
+                            k2,
+                            tl.trans(_sub(wk, 2, BITS, K_KIND, K_NLEV, K_SEL, True, cbk_ptr, sk, mk, K_MIN)),
+                        )
+                    if PK > 3:
+                        s += tl.dot(
+                            k3,
+                            tl.trans(_sub(wk, 3, BITS, K_KIND, K_NLEV, K_SEL, True, cbk_ptr, sk, mk, K_MIN)),
+                        )
+                    if PK > 4:
+                        s += tl.dot(
+                            k4,
+                            tl.trans(_sub(wk, 4, BITS, K_KIND, K_NLEV, K_SEL, True, cbk_ptr, sk, mk, K_MIN)),
+                        )
+                    if PK > 5:
+                        s += tl.dot(
+                            k5,
+                            tl.trans(_sub(wk, 5, BITS, K_KIND, K_NLEV, K_SEL, True, cbk_ptr, sk, mk, K_MIN)),
+                        )
+                    if PK > 6:
+                        s += tl.dot(
+                            k6,
+                            tl.trans(_sub(wk, 6, BITS, K_KIND, K_NLEV, K_SEL, True, cbk_ptr, sk, mk, K_MIN)),
+                        )
+                    if PK > 7:
+                        s += tl.dot(
+                            k7,
+                            tl.trans(_sub(wk, 7, BITS, K_KIND, K_NLEV, K_SEL, True, cbk_ptr, sk, mk, K_MIN)),
+                        )
+                    s = s + bias[:, None]
+                else:
+                    s = tl.dot(
+                        h0, tl.trans(_sub(wk, 0, BITS, K_KIND, K_NLEV, K_SEL, K_FOLD, cbk_ptr, sk, mk, True))
+                    )
+                    if PK > 1:
+                        s += tl.dot(
+                            h1,
+                            tl.trans(_sub(wk, 1, BITS, K_KIND, K_NLEV, K_SEL, K_FOLD, cbk_ptr, sk, mk, True)),
+                        )
+                    if PK > 2:
+                        s += tl.dot(
+                            h2,
+                            tl.trans(_sub(wk, 2, BITS, K_KIND, K_NLEV, K_SEL, K_FOLD, cbk_ptr, sk, mk, True)),
+                        )
+                    if PK > 3:
+                        s += tl.dot(
+                            h3,
+                            tl.trans(_sub(wk, 3, BITS, K_KIND, K_NLEV, K_SEL, K_FOLD, cbk_ptr, sk, mk, True)),
+                        )
+                    if PK > 4:
+                        s += tl.dot(
+                            h4,
+                            tl.trans(_sub(wk, 4, BITS, K_KIND, K_NLEV, K_SEL, K_FOLD, cbk_ptr, sk, mk, True)),
+                        )
+                    if PK > 5:
+                        s += tl.dot(
+                            h5,
+                            tl.trans(_sub(wk, 5, BITS, K_KIND, K_NLEV, K_SEL, K_FOLD, cbk_ptr, sk, mk, True)),
+                        )
+                    if PK > 6:
+                        s += tl.dot(
+                            h6,
+                            tl.trans(_sub(wk, 6, BITS, K_KIND, K_NLEV, K_SEL, K_FOLD, cbk_ptr, sk, mk, True)),
+                        )
+                    if PK > 7:
+                        s += tl.dot(
+                            h7,
+                            tl.trans(_sub(wk, 7, BITS, K_KIND, K_NLEV, K_SEL, K_FOLD, cbk_ptr, sk, mk, True)),
+                        )
+                if K_KIND == 2:
+                    s = s * tl.load(ks_ptr + rows, mask=tmask, other=0.0).to(tl.float32)[None, :]
+                if K_FOLD:
+                    s = (s - K_ZERO * qsum[:, None]) * tl.load(ks_ptr + rows, mask=tmask, other=0.0).to(
+                        tl.float32
+                    )[None, :]
+                s = tl.where(tmask[None, :], s * qk_scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                wv = _words(vc_ptr, rows, tmask, RBV, NWV, WBV)
+                if V_KIND == 0 and not V_FOLD:
+                    gv = rows[:, None] * V_NG + (wv_idx // (V_GROUP // PV))[None, :]
+                    sv = tl.load(vs_ptr + gv, mask=tmask[:, None], other=0.0).to(tl.float16)
+                    mv = (sv.to(tl.float32) * -V_ZERO).to(tl.float16)  # symmetric: (c - Z)·s
+                    if V_MIN:
+                        mv = tl.load(vm_ptr + gv, mask=tmask[:, None], other=0.0).to(tl.float16)
+                else:
+                    sv = tl.zeros([BT, NWV], tl.float16)
+                    mv = sv
+                if V_KIND == 2 or V_FOLD:  # fold norm / per-token scale into the weights
+                    p = p * tl.load(vs_ptr + rows, mask=tmask, other=0.0).to(tl.float32)[None, :]
+                    lz = lz * alpha + tl.sum(p, 1)
+                pv = p.to(tl.float16)
+                if PV > 0:
+                    a0 = a0 * alpha[:, None] + tl.dot(
+                        pv, _sub(wv, 0, BITS, V_KIND, V_NLEV, V_SEL, V_FOLD, cbv_ptr, sv, mv, True)
+                    )
+                if PV > 1:
+                    a1 = a1 * alpha[:, None] + tl.dot(
+                        pv, _sub(wv, 1, BITS, V_KIND, V_NLEV, V_SEL, V_FOLD, cbv_ptr, sv, mv, True)
+                    )
+                if PV > 2:
+                    a2 = a2 * alpha[:, None] + tl.dot(
+                        pv, _sub(wv, 2, BITS, V_KIND, V_NLEV, V_SEL, V_FOLD, cbv_ptr, sv, mv, True)
+                    )
+                if PV > 3:
+                    a3 = a3 * alpha[:, None] + tl.dot(
+                        pv, _sub(wv, 3, BITS, V_KIND, V_NLEV, V_SEL, V_FOLD, cbv_ptr, sv, mv, True)
+                    )
+                if PV > 4:
+                    a4 = a4 * alpha[:, None] + tl.dot(
+                        pv, _sub(wv, 4, BITS, V_KIND, V_NLEV, V_SEL, V_FOLD, cbv_ptr, sv, mv, True)
+                    )
+                if PV > 5:
+                    a5 = a5 * alpha[:, None] + tl.dot(
+                        pv, _sub(wv, 5, BITS, V_KIND, V_NLEV, V_SEL, V_FOLD, cbv_ptr, sv, mv, True)
+                    )
+                if PV > 6:
+                    a6 = a6 * alpha[:, None] + tl.dot(
+                        pv, _sub(wv, 6, BITS, V_KIND, V_NLEV, V_SEL, V_FOLD, cbv_ptr, sv, mv, True)
+                    )
+                if PV > 7:
+                    a7 = a7 * alpha[:, None] + tl.dot(
+                        pv, _sub(wv, 7, BITS, V_KIND, V_NLEV, V_SEL, V_FOLD, cbv_ptr, sv, mv, True)
+                    )
+                m_i = m_new
+            inv = 1.0 / l_i
+            zc = V_ZERO * lz if V_FOLD else tl.zeros([BG], tl.float32)
+            if PV > 0:
+                _store_sub(o_ptr, part, gmask, (a0 - zc[:, None]) * inv[:, None], 0, D, PV, NWV)
+            if PV > 1:
+                _store_sub(o_ptr, part, gmask, (a1 - zc[:, None]) * inv[:, None], 1, D, PV, NWV)
+            if PV > 2:
+                _store_sub(o_ptr, part, gmask, (a2 - zc[:, None]) * inv[:, None], 2, D, PV, NWV)
+            if PV > 3:
+                _store_sub(o_ptr, part, gmask, (a3 - zc[:, None]) * inv[:, None], 3, D, PV, NWV)
+            if PV > 4:
+                _store_sub(o_ptr, part, gmask, (a4 - zc[:, None]) * inv[:, None], 4, D, PV, NWV)
+            if PV > 5:
+                _store_sub(o_ptr, part, gmask, (a5 - zc[:, None]) * inv[:, None], 5, D, PV, NWV)
+            if PV > 6:
+                _store_sub(o_ptr, part, gmask, (a6 - zc[:, None]) * inv[:, None], 6, D, PV, NWV)
+            if PV > 7:
+                _store_sub(o_ptr, part, gmask, (a7 - zc[:, None]) * inv[:, None], 7, D, PV, NWV)
+            tl.store(lse_ptr + part, m_i + tl.log2(l_i), mask=gmask)
+    else:
+        if HAS_WIN:
+            _window_partial(
+                q_ptr,
+                wk_ptr,
+                wv_ptr,
+                wlen_ptr,
+                o_ptr,
+                lse_ptr,
+                qk_scale,
+                W,
+                b,
+                bh,
+                qrow,
+                gmask,
+                part,
+                D,
+                BG,
+                BT,
+            )
