@@ -6,6 +6,10 @@ grouped per KV head (``[B, Hkv, g, Q, D]``), so GQA never repeats keys. All arit
 float32 whatever the model dtype; the running state per query row is the usual max ``m``,
 normaliser ``l`` and weighted sum ``acc``.
 
+A prompt's attention to its own tokens (dense, causal) goes through torch's fused CPU SDPA
+kernel, which also returns the log-sum-exp, so its result folds into the same running state
+(:meth:`OnlineSoftmax.merge`); where that kernel is missing, the generic path does it.
+
 Policies that need attention probabilities (SnapKV, H2O) get them here too, without eager
 attention: a single decode query keeps its masked logits (``N`` floats per head) and turns them
 into probabilities once the final ``m, l`` are known; several observed queries (a prompt) take
@@ -18,7 +22,10 @@ import math
 
 import torch
 
-__all__ = ["OnlineSoftmax", "allowed_mask"]
+__all__ = ["OnlineSoftmax", "allowed_mask", "attend_own_tokens"]
+
+# fused SDPA returning (out, logsumexp); private aten op, so its absence is tolerated
+_FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def allowed_mask(
@@ -102,6 +109,22 @@ class OnlineSoftmax:
             self.acc[..., r0:r1, :] = self.acc[..., r0:r1, :] * alpha[..., None] + pv
             self.m[..., r0:r1] = m_new
 
+    def merge(self, out: torch.Tensor, lse: torch.Tensor, r0: int, r1: int) -> None:
+        """Fold a finished partial attention (``out`` ``[B, H, r, Dv]``, log-sum-exp ``lse``
+        ``[B, H, r]``, ``-inf`` for rows that saw no key) into rows ``[r0, r1)``."""
+        b, hk, g, _ = self.shape
+        r = r1 - r0
+        lse = lse.reshape(b, hk, g, r)
+        m_old = self.m[..., r0:r1]
+        m_new = torch.maximum(m_old, lse)
+        m_safe = m_new.masked_fill(m_new == -math.inf, 0.0)
+        alpha, beta = torch.exp(m_old - m_safe), torch.exp(lse - m_safe)
+        self.l[..., r0:r1] = self.l[..., r0:r1] * alpha + beta
+        self.acc[..., r0:r1, :] = (
+            self.acc[..., r0:r1, :] * alpha[..., None] + out.reshape(b, hk, g, r, -1) * beta[..., None]
+        )
+        self.m[..., r0:r1] = m_new
+
     def result(self) -> torch.Tensor:
         """``[B, H, Q, Dv]`` float32 attention output."""
         b, hk, g, nq = self.shape
@@ -126,3 +149,54 @@ class OnlineSoftmax:
         """Second pass: attention mass of rows ``[r0, r1)`` on keys ``k``: ``[B, Hkv, T]``."""
         s = self._scores(k, allowed, r0, r1)
         return self._probs(s, r0, r1).sum(-2).mean(2)
+
+
+def attend_own_tokens(
+    state: OnlineSoftmax,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pos: torch.Tensor,
+    qcols: torch.Tensor,
+    sliding: int | None,
+    tile: int = 1024,
+) -> bool:
+    """Fold a forward's own keys ``k``/``v`` ``[B, Hkv, Q, D]`` (slot ``i`` = query ``i``,
+    columns ``qcols``, ``pos`` ``[B|1, 1, Q]`` with ``-1`` at padding) into every query row.
+
+    Row tiles of ``tile`` queries; each tile sees the keys before it (unmasked unless padding
+    or a sliding window cuts them) and its own square (``is_causal``). Returns False, doing
+    nothing, where the fused kernel is unavailable or refuses the inputs.
+    """
+    if _FUSED is None or k.device.type != "cpu":
+        return False
+    b, hk, g, nq = state.shape
+    q = state.q.reshape(b, hk * g, nq, -1)
+    kr = k.float()[:, :, None].expand(b, hk, g, nq, k.shape[-1]).reshape(b, hk * g, nq, -1)
+    vr = v.float()[:, :, None].expand(b, hk, g, nq, v.shape[-1]).reshape(b, hk * g, nq, -1)
+    padded = bool((pos < 0).any())
+    parts = []
+    for r0 in range(0, nq, tile):
+        r1 = min(nq, r0 + tile)
+        a = 0 if sliding is None else max(0, r0 - sliding + 1)
+        if a < r0:
+            cut = sliding is not None and a <= r1 - 1 - sliding
+            parts.append((r0, r1, a, r0, padded or cut, False))
+        own_cut = sliding is not None and r1 - r0 > sliding
+        parts.append((r0, r1, r0, r1, padded or own_cut, True))
+    done = []
+    try:
+        for r0, r1, a, z, masked, diagonal in parts:
+            qt, kt, vt = q[:, :, r0:r1], kr[:, :, a:z], vr[:, :, a:z]
+            if not masked:
+                out, lse = _FUSED(qt, kt, vt, 0.0, diagonal, scale=1.0)
+            else:
+                allowed = allowed_mask(pos[..., a:z], qcols[r0:r1], sliding, None)  # [B|1, 1, r, T]
+                bias = torch.zeros(allowed.shape).masked_fill_(~allowed, -math.inf)
+                out, lse = _FUSED(qt, kt, vt, 0.0, False, attn_mask=bias, scale=1.0)
+                lse = lse.masked_fill(~allowed.any(-1), -math.inf)
+            done.append((out, lse, r0, r1))
+    except RuntimeError:  # pragma: no cover - a torch build whose kernel refuses these inputs
+        return False
+    for out, lse, r0, r1 in done:  # merged only once every part succeeded
+        state.merge(out, lse, r0, r1)
+    return True

@@ -65,7 +65,7 @@ def compact(
     accs = [s.acc for s in rest]
     new_acc = torch.cat(accs, -1).gather(-1, order) if all(a is not None for a in accs) else None  # type: ignore[arg-type]
     seg_of = torch.bucketize(
-        order, torch.tensor(starts[1:], device=pos.device, dtype=order.dtype), right=True
+        order.contiguous(), torch.tensor(starts[1:], device=pos.device, dtype=order.dtype), right=True
     )
 
     n_blocks = max(0, total - window) // block

@@ -12,9 +12,11 @@ Examples: ``int4``, ``kivi:b=2``, ``snapkv:ratio=0.75+fp16``,
 ``streamingllm:sinks=4,budget=256+int4+cache:window=64``. ``str(CacheSpec)`` prints
 ``policy+codec[+cache]`` with the cache stage only when it differs from the defaults.
 
-A codec's own full-precision residual (KIVI's ``residual``) is set to 0 inside the cache: the
-cache's ``window`` plays that role, and a second fp16 tail inside every packed block would
-store most values in fp16 without saying so.
+Codec options that keep token ranges in fp16 inside one encode (KIVI's ``residual``, the
+rotation codecs' ``sinks`` and ``window``) are set to 0 inside the cache: every block is one
+encode, so they would keep fp16 tokens in *every* block; the cache's ``window`` (and a
+``streamingllm`` policy for sinks) plays that role. Their defaults are accepted and replaced;
+another value raises.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from ..core.spec import SpecConfig, build_config, format_config, nearest, parse_
 from ..policies import POLICIES, Policy, PolicyConfig
 
 __all__ = ["CacheConfig", "CacheSpec", "parse_cache_spec"]
+
+_FP16_RANGES = ("residual", "sinks", "window")  # codec options keeping tokens in fp16 per encode
 
 
 @dataclass(frozen=True)
@@ -76,10 +80,9 @@ class CacheSpec:
 
     def build_codec(self) -> Codec:
         """The codec used for packed blocks (its own residual window, if any, set to 0)."""
-        config = self.codec
-        if any(f.name == "residual" for f in dataclasses.fields(config)):
-            config = dataclasses.replace(config, residual=0)  # type: ignore[call-arg]
-        return make_codec(str(config))
+        names = {f.name for f in dataclasses.fields(self.codec)}
+        zeroed = {n: 0 for n in _FP16_RANGES if n in names}
+        return make_codec(str(dataclasses.replace(self.codec, **zeroed)))
 
     def build_policy(self) -> Policy | None:
         return None if self.policy is None else POLICIES.build(str(self.policy))
@@ -116,13 +119,13 @@ def parse_cache_spec(spec: str, **cache_options: Any) -> CacheSpec:
             )
     if codec is None:
         raise SpecError(f"{spec!r} has no codec stage; add one, e.g. '{spec}+int4' (or '+fp16' for none)")
-    default_residual = _default(codec, "residual")
-    residual = getattr(codec, "residual", None)
-    if residual not in (None, 0, default_residual):
-        raise SpecError(
-            f"{codec.name}: residual={residual} is replaced by the cache's full-precision window inside "
-            "CompressedCache; set it with cache:window=N instead"
-        )
+    for name in _FP16_RANGES:
+        value = getattr(codec, name, None)
+        if value not in (None, 0, _default(codec, name)):
+            raise SpecError(
+                f"{codec.name}: {name}={value} would keep fp16 tokens in every packed block of CompressedCache; "
+                "use cache:window=N for the full-precision window (and streamingllm for sinks)"
+            )
     cache = cache or CacheConfig()
     if cache_options:
         fields = {f.name for f in dataclasses.fields(CacheConfig)}

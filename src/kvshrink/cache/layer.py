@@ -20,7 +20,7 @@ from transformers.cache_utils import CacheLayerMixin
 from ..codecs import Codec
 from ..core.errors import InputError
 from ..policies import Decision, LayerView, Policy
-from .attention import OnlineSoftmax, allowed_mask
+from .attention import OnlineSoftmax, allowed_mask, attend_own_tokens
 from .compact import compact, reclaimable
 from .config import CacheConfig
 from .segment import Segment, cat_dense, encode_segment
@@ -184,7 +184,11 @@ class CompressedLayer(CacheLayerMixin):
 
         n_obs = self.policy.observed_queries(nq) if self.policy is not None else 0
         state = OnlineSoftmax(query, self.heads, scaling, v_new.shape[-1], capture=n_obs > 0 and nq == 1)
-        for k, v, seg in self._chunks(sources):
+        if nq > 1 and attend_own_tokens(state, k_new, v_new, new.pos, qcols, self.sliding_window):
+            read = self.segments()  # the prompt's own tokens are done: read only what was held
+        else:
+            read = sources
+        for k, v, seg in self._chunks(read):
             rows = max(1, _TILE // max(1, query.shape[0] * query.shape[1] * seg.size))
             for r0 in range(0, nq, rows):
                 r1 = min(nq, r0 + rows)
