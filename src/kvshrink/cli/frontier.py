@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         or model.config.hidden_size // model.config.num_attention_heads
     )
     for m in methods:  # a head dim the codec cannot split fails before any compute
-        m.codec.check_dim(head_dim)
+        (m.codec if hasattr(m, "codec") else m).check_dim(head_dim)
     ids = torch.tensor(tok(text, add_special_tokens=False).input_ids, dtype=torch.long)
     window_starts(ids.numel(), cfg)  # validates the text length before any compute
     torch.manual_seed(0)

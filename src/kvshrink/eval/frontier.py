@@ -19,7 +19,7 @@ import torch
 from ..core.bytes import fp16_nbytes
 from ..core.errors import DataError, SpecError
 from .capture import capture
-from .methods import CodecMethod, build_method
+from .methods import LayerResult, build_method
 from .metrics import AttnFidelity, attention_fidelity, rel_mse, token_nll_kl
 
 __all__ = ["FrontierConfig", "FrontierResult", "MethodStats", "run_frontier", "window_starts"]
@@ -139,7 +139,7 @@ def _continue(model, cache, cont: torch.Tensor) -> torch.Tensor:
 def run_frontier(
     model,
     ids: torch.Tensor,
-    methods: Sequence[str | CodecMethod],
+    methods: Sequence[object],
     cfg: FrontierConfig,
     model_name: str = "",
     progress=None,
@@ -148,7 +148,7 @@ def run_frontier(
 
     ``progress``: optional callable ``(n_steps) -> tqdm-like`` used for a progress bar.
     """
-    built = [m if isinstance(m, CodecMethod) else build_method(m) for m in methods]
+    built = [build_method(m) if isinstance(m, str) else m for m in methods]
     starts = window_starts(ids.numel(), cfg)
     stats = [MethodStats(m.spec) for m in built]
     base_nll: list[float] = []
@@ -165,11 +165,17 @@ def run_frontier(
         if bar:
             bar.update(1)
         for method, st in zip(built, stats):
-            cache = copy.deepcopy(cap.cache)
             d = cap.layers[0].k.shape[-1]
-            st.held_bytes += method.shared_nbytes(d)
-            for i, layer in enumerate(cap.layers):
-                res = method.compress(layer)
+            if getattr(method, "owns_cache", False):  # a peer: its own prefill and cache
+                peer = method.run_window(model, prefix, cont)
+                results = [LayerResult(k, v, 0) for k, v in zip(peer.keys, peer.values)]
+                st.held_bytes += peer.nbytes
+                cache, logits = None, peer.logits
+            else:
+                cache = copy.deepcopy(cap.cache)
+                st.held_bytes += method.shared_nbytes(d)
+                results = [method.compress(layer) for layer in cap.layers]
+            for i, (layer, res) in enumerate(zip(cap.layers, results)):
                 st.held_bytes += res.nbytes
                 st.fp16_bytes += fp16_nbytes(layer.k.numel() + layer.v.numel())
                 st.numel += layer.k.numel() + layer.v.numel()
@@ -189,11 +195,13 @@ def run_frontier(
                 st.k_err, st.k_norm = st.k_err + e, st.k_norm + n
                 e, n = rel_mse(layer.v, res.v_hat)
                 st.v_err, st.v_norm = st.v_err + e, st.v_norm + n
-                held = cache.layers[i]
-                t_l = held.keys.shape[-2]  # sliding layers hold only their window
-                held.keys = res.k_hat[..., -t_l:, :].to(held.keys.dtype).contiguous()
-                held.values = res.v_hat[..., -t_l:, :].to(held.values.dtype).contiguous()
-            logits = _continue(model, cache, cont)
+                if cache is not None:
+                    held = cache.layers[i]
+                    t_l = held.keys.shape[-2]  # sliding layers hold only their window
+                    held.keys = res.k_hat[..., -t_l:, :].to(held.keys.dtype).contiguous()
+                    held.values = res.v_hat[..., -t_l:, :].to(held.values.dtype).contiguous()
+            if cache is not None:
+                logits = _continue(model, cache, cont)
             nll, kl = token_nll_kl(logits, ref_logits, targets)
             st.window_nll.append(float(nll.mean()))
             st.window_kl.append(float(kl.mean()))

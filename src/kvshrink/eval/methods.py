@@ -51,17 +51,25 @@ class CodecMethod:
 
 
 def family(spec: str) -> str:
-    """Plot family of a spec: its codec name plus ``k`` for FibQuant (each k is its own curve)."""
+    """Plot family of a spec: one curve per codec, per FibQuant k, and per set of extra options.
+
+    The rate (``b``/``n``) and ``seed`` move a point along its curve; any other option
+    (``center``, ``sinks``, ``lloyd=0``...) makes a different curve.
+    """
     stage = parse_stage(split_stages(spec)[-1])
     opts = dict(stage.options)
-    if stage.name == "fibquant":
-        return f"fibquant k={opts.get('k', '4')}"
-    return stage.name
+    name = f"{stage.name} k={opts.pop('k', '4')}" if stage.name == "fibquant" else stage.name
+    extra = sorted(k for k in opts if k not in ("b", "n", "seed", "kb", "vb"))
+    return name + (f" ({', '.join(f'{k}={opts[k]}' for k in extra)})" if extra else "")
 
 
-def build_method(spec: str) -> CodecMethod:
+def build_method(spec: str):
     """Validate and build a frontier method from its spec (fails before any model is loaded)."""
     stages = split_stages(spec)
+    from .peers import PEERS
+
+    if len(stages) == 1 and parse_stage(stages[0]).name in PEERS:
+        return PEERS.build(stages[0])
     if len(stages) != 1:
         raise SpecError(
             f"{spec!r}: the frontier measures codecs; token policies ('+') are measured by `kvshrink longbench`"
