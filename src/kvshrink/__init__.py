@@ -5,6 +5,7 @@
 
 from . import codecs
 from ._version import __version__
+from .cache import _lazy_top as __getattr__  # noqa: F401  (lazy CompressedCache: imports transformers on use)
 from .codecs import Codec, Packed, make_codec
 from .core import KvshrinkError, SpecError
 from .models import load_model
