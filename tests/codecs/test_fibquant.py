@@ -225,3 +225,16 @@ def test_few_tokens_and_empty_coded_part() -> None:
     packed = codec.encode(x, "key")
     assert packed.meta["coded"] == 0 and packed.tensors["codes"].shape == (2, 0, 16)
     assert torch.equal(codec.decode(packed), x.half().float())
+
+
+@pytest.mark.parametrize(
+    "spec", ["fibquant:b=2,k=4", "fibquant:b=1,k=8", "fibquant:b=3,k=2", "fibquant:k=6,n=7,pad=1"]
+)
+def test_kd_tree_search_equals_the_scan(spec: str) -> None:
+    """The CPU fast path (exact k-d tree) returns the matmul scan's indices."""
+    codec = make_codec(spec)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 300, 64, generator=g)
+    d = codec.blocks(64) * codec.k
+    y = torch.nn.functional.pad(codec.rotation(64).apply(x / x.norm(dim=-1, keepdim=True)), (0, d - 64))
+    assert torch.equal(codec.quantize(y, 64), codec.quantize_reference(y, 64))
