@@ -30,7 +30,7 @@ class FrontierConfig:
     context: int = 2048
     windows: int = 6
     continuation: int = 256
-    n_queries: int = 128
+    n_queries: int = 48
 
     def __post_init__(self) -> None:
         if self.context < 32:

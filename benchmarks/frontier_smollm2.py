@@ -1,0 +1,205 @@
+"""Does FibQuant's frontier reproduce on SmolLM2-135M? (issue 4)
+
+Two measurements on the embedded model and essays, context 2048, all rows of a phase measured
+on the same windows in one run:
+
+- ``frontier``: the full rate axis for FibQuant (k = 2, 4, 8), TurboQuant, KIVI, int4/int8,
+  transformers' QuantizedCache (``hf-quanto``), plus ablations (no Lloyd refinement, random
+  instead of quasi-uniform directions, k) and the beyond-paper options (sinks, pre-RoPE keys,
+  key/value rates, centring). One rotation seed, ``--frontier-windows`` windows.
+- ``targets``: the rows the issue's targets are judged on, each over ``--seeds`` rotation seeds
+  and ``--target-windows`` windows. Per window the seeds are averaged; the standard error is
+  over windows (the text varies more than the rotation); the seed spread is reported beside it.
+
+Writes ``frontier-smollm2.{json,md,png}`` into ``--out`` atomically. Perplexity deltas are
+continuation perplexity (256 teacher-forced tokens after the compressed 2048-token prefix)
+minus the uncompressed cache's on the same windows.
+
+    PYTHONPATH=src python benchmarks/frontier_smollm2.py --out docs/results
+    PYTHONPATH=src python benchmarks/frontier_smollm2.py --smoke   # minutes, small, for checking
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from kvshrink.core.atomic import atomic_write
+from kvshrink.data import load_text
+from kvshrink.eval.frontier import FrontierConfig, run_frontier
+from kvshrink.eval.methods import family
+from kvshrink.eval.plots import plot_frontier
+from kvshrink.eval.report import frontier_markdown, write_json
+from kvshrink.models import load_model
+
+FRONTIER = [
+    # FibQuant over the rate axis, one curve per k
+    *(f"fibquant:b={b},k=2" for b in (1, 1.5, 2, 2.5, 3, 4)),
+    *(f"fibquant:b={b},k=4" for b in (0.5, 0.75, 1, 1.5, 2, 2.5)),
+    *(f"fibquant:b={b},k=8" for b in (0.5, 0.75, 1)),
+    *(f"turboquant:b={b}" for b in (1, 2, 3, 4)),
+    "kivi:b=2",
+    "kivi:b=4",
+    "int4",
+    "int8",
+    "hf-quanto:b=4",
+    "hf-quanto:b=2",
+    # ablations of the construction (b = 2 unless said)
+    "fibquant:b=2,k=4,lloyd=0",
+    "fibquant:b=2,k=4,dirs=random,lloyd=0",
+    "fibquant:b=2,k=4,dirs=random",
+    "fibquant:b=1,k=8,lloyd=0",
+    "turboquant:b=2,qjl=1",
+    # beyond the paper
+    "fibquant:b=2,k=4,sinks=1",
+    "fibquant:b=2,k=4,prerope=1",
+    "fibquant:b=2,k=4,center=1",
+    "fibquant:b=2,k=4,kb=2.5,vb=1.5",
+    "fibquant:b=2,k=4,kb=2.5,vb=1.5,sinks=1,prerope=1",
+    "turboquant:b=2,sinks=1,prerope=1",
+]
+
+# name -> spec without seed; each is run with seed=0..S-1 (peers have no seed)
+TARGETS = {
+    "turboquant b=2": "turboquant:b=2",
+    "fibquant b=2 k=4": "fibquant:b=2,k=4",
+    "best at ~7x": "fibquant:b=2,k=4,kb=2.5,vb=1.5,sinks=1,prerope=1",
+    "best at >=5.5x": "fibquant:b=2.5,k=4,kb=3,vb=2,sinks=1,prerope=1",
+    "hf-quanto b=4": "hf-quanto:b=4",
+    "hf-quanto b=2": "hf-quanto:b=2",
+}
+
+
+def _with_seed(spec: str, seed: int) -> str:
+    return spec if spec.startswith("hf-") else f"{spec},seed={seed}"
+
+
+def _progress(desc: str):
+    def make(total: int):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True)
+
+    return make
+
+
+def aggregate_targets(rows: list[dict], seeds: int) -> list[dict]:
+    """Average each target over its seeds window by window; SE over windows."""
+    by_spec = {r["method"]: r for r in rows}
+    out = []
+    for name, spec in TARGETS.items():
+        runs = [by_spec[_with_seed(spec, s)] for s in range(seeds) if _with_seed(spec, s) in by_spec]
+        runs = list({id(r): r for r in runs}.values())  # peers: one run, listed once
+        if not runs:
+            continue
+        per_window = [statistics.fmean(ws) for ws in zip(*(r["window_ppl_delta"] for r in runs))]
+        n = len(per_window)
+        se = statistics.stdev(per_window) / math.sqrt(n) if n > 1 else float("nan")
+        seed_means = [r["ppl_delta"] for r in runs]
+        out.append(
+            {
+                "target": name,
+                "method": spec,
+                "seeds": len(runs),
+                "windows": n,
+                "compression_ratio": statistics.fmean(r["compression_ratio"] for r in runs),
+                "bits_per_element": statistics.fmean(r["bits_per_element"] for r in runs),
+                "attn_cosine": statistics.fmean(r["attn_cosine"] for r in runs),
+                "ppl_delta": statistics.fmean(per_window),
+                "ppl_delta_se": se,
+                "ppl_delta_seed_sd": statistics.stdev(seed_means) if len(seed_means) > 1 else 0.0,
+                "kl": statistics.fmean(r["kl"] for r in runs),
+                "kl_se": statistics.fmean(r["kl_se"] for r in runs) / math.sqrt(len(runs)),
+            }
+        )
+    return out
+
+
+def targets_markdown(agg: list[dict], base_ppl: float, cfg: FrontierConfig, seeds: int) -> str:
+    lines = [
+        "## Target rows",
+        "",
+        f"{cfg.windows} windows x {seeds} rotation seeds, context {cfg.context}; baseline perplexity "
+        f"{base_ppl:.3f}. Δppl: mean over windows of the seed-averaged delta, ± standard error over windows; "
+        "seed sd: spread of the per-seed means.",
+        "",
+        "| target | method | ratio | attn cos | Δppl ± se | seed sd | KL |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in agg:
+        lines.append(
+            f"| {r['target']} | `{r['method']}` | {r['compression_ratio']:.2f}x | {r['attn_cosine']:.4f} | "
+            f"{r['ppl_delta']:+.3f} ± {r['ppl_delta_se']:.3f} | {r['ppl_delta_seed_sd']:.3f} | {r['kl']:.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="docs/results")
+    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--frontier-windows", type=int, default=4)
+    ap.add_argument("--target-windows", type=int, default=16)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--phase", choices=["frontier", "targets", "both"], default="both")
+    ap.add_argument(
+        "--smoke", action="store_true", help="tiny run (context 256, 2 windows) to check the script"
+    )
+    args = ap.parse_args()
+    if args.smoke:
+        args.context, args.frontier_windows, args.target_windows, args.seeds = 256, 2, 2, 2
+    out = Path(args.out)
+    torch.manual_seed(0)
+    t0 = time.time()
+    model, tok = load_model("smollm2-135m")
+    ids = torch.tensor(tok(load_text(), add_special_tokens=False).input_ids, dtype=torch.long)
+    stem = "frontier-smollm2" + ("-smoke" if args.smoke else "")
+    prev = out / f"{stem}.json"
+    data = json.loads(prev.read_text()) if prev.exists() and args.phase != "both" else {}
+
+    def write() -> str:
+        data["seconds"] = time.time() - t0
+        md = frontier_markdown(data, "FibQuant frontier on SmolLM2-135M") if "rows" in data else ""
+        if "targets" in data:
+            t = data["targets"]
+            cfg_t = FrontierConfig(args.context, t["windows"])
+            md += "\n" + targets_markdown(t["rows"], t["baseline_ppl"], cfg_t, t["seeds"])
+        write_json(out / f"{stem}.json", data)
+        atomic_write(out / f"{stem}.md", md)
+        if "rows" in data:
+            title = "SmolLM2-135M KV cache: FibQuant vs TurboQuant, KIVI, int, quanto"
+            plot_frontier(data, out / f"{stem}.png", family, title)
+        return md
+
+    # targets first: they carry the issue's claims; each phase is written as soon as it ends
+    if args.phase in ("targets", "both"):
+        cfg = FrontierConfig(context=args.context, windows=args.target_windows)
+        specs = list(dict.fromkeys(_with_seed(s, k) for s in TARGETS.values() for k in range(args.seeds)))
+        res = run_frontier(model, ids, specs, cfg, "smollm2-135m", progress=_progress("targets")).to_json()
+        data["targets"] = {
+            "windows": cfg.windows,
+            "seeds": args.seeds,
+            "baseline_ppl": res["baseline_ppl"],
+            "rows": aggregate_targets(res["rows"], args.seeds),
+            "runs": res["rows"],
+        }
+        write()
+    if args.phase in ("frontier", "both"):
+        cfg = FrontierConfig(context=args.context, windows=args.frontier_windows)
+        res = run_frontier(
+            model, ids, FRONTIER, cfg, "smollm2-135m", progress=_progress("frontier")
+        ).to_json()
+        data.update(res)
+    print(write())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
