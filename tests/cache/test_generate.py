@@ -144,3 +144,22 @@ def test_lossy_specs_generate_and_hold_fewer_bytes(lm, spec: str) -> None:
     layer = report.layers[0]
     assert layer.total == layer.packed + layer.window + layer.bookkeeping
     assert layer.packed == sum(p.nbytes() for s in cache.layers[0].blocks for p in s.keys + s.values)
+
+
+def test_chunked_prefill_equals_one_shot(lm, reference) -> None:
+    model, _, _ = lm
+    enc, ref = reference
+    out = greedy(model, enc, CompressedCache(model, "fp16", **SMALL), prefill_chunk_size=64)
+    assert torch.equal(out, ref)
+
+
+def test_num_return_sequences_expands_rows(lm) -> None:
+    model, tok, text = lm
+    enc = tok(prompt(tok, text, 60), return_tensors="pt")
+    torch.manual_seed(1)
+    cache = CompressedCache(model, "int4", window=16, block=16)
+    with torch.no_grad():
+        out = model.generate(
+            **enc, max_new_tokens=6, do_sample=True, num_return_sequences=3, past_key_values=cache
+        )
+    assert out.shape[0] == 3 and cache.layers[0].batch == 3

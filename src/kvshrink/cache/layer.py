@@ -204,9 +204,14 @@ class CompressedLayer(CacheLayerMixin):
             else:
                 pieces = []
                 for k, _, seg in self._chunks(sources):
-                    allowed, skip = self._mask(seg, qcols[nq - n_obs :], pad2d)
-                    zero = torch.zeros(self.batch, self.heads, seg.size, device=query.device)
-                    pieces.append(zero if skip else state.mass(k, allowed, nq - n_obs, nq))
+                    piece = torch.zeros(self.batch, self.heads, seg.size, device=query.device)
+                    rows = max(1, _TILE // max(1, query.shape[0] * query.shape[1] * seg.size))
+                    for r0 in range(nq - n_obs, nq, rows):  # tiled: H2O observes every prompt query
+                        r1 = min(nq, r0 + rows)
+                        allowed, skip = self._mask(seg, qcols[r0:r1], pad2d)
+                        if not skip:
+                            piece += state.mass(k, allowed, r0, r1)
+                    pieces.append(piece)
                 mass = torch.cat(pieces, dim=-1)
         self._commit(new, new_valid, mass)
         return out
