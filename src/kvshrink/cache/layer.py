@@ -81,8 +81,8 @@ class CompressedLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         if self._pending is not None:
             raise InputError(
-                f"layer {self.layer_idx}: the previous update was never attended; the model's attention "
-                "implementation is not 'kvshrink' (was it changed after CompressedCache was built?)"
+                f"layer {self.layer_idx}: the previous update was never attended (an interrupted forward, or "
+                "an attention implementation other than 'kvshrink'); this cache is inconsistent, build a new one"
             )
         if key_states.shape[0] != self.batch or key_states.shape[1] != self.heads:
             raise InputError(
