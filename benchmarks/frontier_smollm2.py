@@ -81,6 +81,22 @@ def _with_seed(spec: str, seed: int) -> str:
     return spec if spec.startswith("hf-") else f"{spec},seed={seed}"
 
 
+def _quanto_without_nvcc() -> None:
+    """quanto compiles its CUDA extension with nvcc on first use (minutes); for the cache it only
+    needs ``unpack``, whose pure-PyTorch form (same maths) stands in."""
+    try:
+        from optimum.quanto.library.extensions import cuda as qcuda
+    except Exception:
+        return
+
+    def py_unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+        per = 8 // bits
+        parts = [(packed & (2 ** (bits * (i + 1)) - 1)) >> (bits * i) for i in range(per)]
+        return torch.cat(parts).to(torch.uint8)
+
+    qcuda.ext._lib = type("PyUnpack", (), {"unpack": staticmethod(py_unpack)})()
+
+
 def _progress(desc: str):
     def make(total: int):
         from tqdm.auto import tqdm
@@ -141,6 +157,26 @@ def targets_markdown(agg: list[dict], base_ppl: float, cfg: FrontierConfig, seed
     return "\n".join(lines) + "\n"
 
 
+def render(out: Path, stem: str) -> int:
+    data = json.loads((out / f"{stem}.json").read_text())
+    md = frontier_markdown(data, "FibQuant frontier on SmolLM2-135M") if "rows" in data else ""
+    if "targets" in data:
+        t = data["targets"]
+        md += "\n" + targets_markdown(
+            t["rows"], t["baseline_ppl"], FrontierConfig(data.get("context", 2048), t["windows"]), t["seeds"]
+        )
+    atomic_write(out / f"{stem}.md", md)
+    if "rows" in data:
+        plot_frontier(
+            data,
+            out / f"{stem}.png",
+            family,
+            "SmolLM2-135M KV cache: FibQuant vs TurboQuant, KIVI, int, quanto",
+        )
+    print(md)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="docs/results")
@@ -152,17 +188,44 @@ def main() -> int:
     ap.add_argument(
         "--smoke", action="store_true", help="tiny run (context 256, 2 windows) to check the script"
     )
+    ap.add_argument("--model", default="smollm2-135m", help="embedded name or .gguf path (same weights)")
+    ap.add_argument(
+        "--ids", default=None, help=".npy of the essays' token ids (for machines without the text)"
+    )
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way)")
+    ap.add_argument("--dump-ids", default=None, help="write the essays' token ids to this .npy and exit")
+    ap.add_argument("--render", action="store_true", help="only re-render md/png from the JSON in --out")
     args = ap.parse_args()
     if args.smoke:
         args.context, args.frontier_windows, args.target_windows, args.seeds = 256, 2, 2, 2
     out = Path(args.out)
     torch.manual_seed(0)
     t0 = time.time()
-    model, tok = load_model("smollm2-135m")
-    ids = torch.tensor(tok(load_text(), add_special_tokens=False).input_ids, dtype=torch.long)
+    if args.render:
+        return render(Path(args.out), "frontier-smollm2")
+    if args.dump_ids:
+        import numpy as np
+
+        _, tok = load_model(args.model)
+        np.save(
+            args.dump_ids, np.asarray(tok(load_text(), add_special_tokens=False).input_ids, dtype=np.int32)
+        )
+        return 0
+    model, tok = load_model(args.model)
+    model.to(args.device)
+    if args.device.startswith("cuda"):
+        _quanto_without_nvcc()
+    if args.ids:
+        import numpy as np
+
+        ids = torch.from_numpy(np.load(args.ids).astype(np.int64))
+    else:
+        ids = torch.tensor(tok(load_text(), add_special_tokens=False).input_ids, dtype=torch.long)
     stem = "frontier-smollm2" + ("-smoke" if args.smoke else "")
+    data = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
     prev = out / f"{stem}.json"
-    data = json.loads(prev.read_text()) if prev.exists() and args.phase != "both" else {}
+    if prev.exists() and args.phase != "both":
+        data = {**json.loads(prev.read_text()), **data}
 
     def write() -> str:
         data["seconds"] = time.time() - t0
@@ -175,7 +238,10 @@ def main() -> int:
         atomic_write(out / f"{stem}.md", md)
         if "rows" in data:
             title = "SmolLM2-135M KV cache: FibQuant vs TurboQuant, KIVI, int, quanto"
-            plot_frontier(data, out / f"{stem}.png", family, title)
+            try:
+                plot_frontier(data, out / f"{stem}.png", family, title)
+            except ImportError:  # a GPU host without matplotlib: re-render from the JSON (--render)
+                pass
         return md
 
     # targets first: they carry the issue's claims; each phase is written as soon as it ends

@@ -52,7 +52,7 @@ def _capture_attention(module, query, key, value, attention_mask, **kwargs):
     st = _STATE
     if st is not None:
         idx = module.layer_idx
-        pos = st["q_pos"]
+        pos = st["q_pos"].to(query.device)
         st["layers"][idx].update(
             q=query[:, :, pos, :].detach().clone(),
             k=key.detach().clone(),

@@ -154,8 +154,9 @@ def run_frontier(
     base_nll: list[float] = []
     bar = progress(len(starts) * (len(built) + 1)) if progress else None
     q_pos = _query_positions(cfg.context, cfg.n_queries)
+    device = next(model.parameters()).device
     for start in starts:
-        win = ids[start : start + cfg.context + cfg.continuation + 1].unsqueeze(0)
+        win = ids[start : start + cfg.context + cfg.continuation + 1].unsqueeze(0).to(device)
         prefix, cont = win[:, : cfg.context], win[:, cfg.context : cfg.context + cfg.continuation]
         targets = win[0, cfg.context + 1 :]
         cap = capture(model, prefix, q_pos, keep_logits="last")

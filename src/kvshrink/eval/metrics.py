@@ -72,11 +72,11 @@ def attention_fidelity(
     qg = q.float().reshape(b, hkv, rep * n, d)  # [B, Hkv, G*n, d]: head h -> kv head h // rep
     k, v, k_hat, v_hat = (x.float() for x in (k, v, k_hat, v_hat))
     vis = _visible(q_pos.cpu(), t, window).to(q.device).repeat(rep, 1)  # [G*n, T]
-    neg = torch.zeros(vis.shape).masked_fill_(~vis, float("-inf"))  # additive mask [G*n, T]
+    neg = torch.zeros(vis.shape, device=vis.device).masked_fill_(~vis, float("-inf"))  # [G*n, T]
     s = qg @ k.transpose(-1, -2)  # [B, Hkv, G*n, T]
     s_hat = qg @ k_hat.transpose(-1, -2)
-    o = torch.softmax(torch.addcmul(neg, s, torch.tensor(scaling)), -1) @ v
-    o_hat = torch.softmax(torch.addcmul(neg, s_hat, torch.tensor(scaling)), -1) @ v_hat
+    o = torch.softmax(neg + s * scaling, -1) @ v
+    o_hat = torch.softmax(neg + s_hat * scaling, -1) @ v_hat
     cos = torch.nn.functional.cosine_similarity(o, o_hat, dim=-1, eps=1e-30)  # [B, Hkv, G*n]
     # q·(k̂-k)/(‖q‖‖k‖) as one matmul of unit queries against norm-scaled key errors
     qn = qg / qg.norm(dim=-1, keepdim=True).clamp_min(1e-30)
