@@ -195,6 +195,9 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way)")
     ap.add_argument("--dump-ids", default=None, help="write the essays' token ids to this .npy and exit")
     ap.add_argument("--render", action="store_true", help="only re-render md/png from the JSON in --out")
+    ap.add_argument(
+        "--candidates", default="", help='extra target rows, "spec;spec" (searched for the best configs)'
+    )
     args = ap.parse_args()
     if args.smoke:
         args.context, args.frontier_windows, args.target_windows, args.seeds = 256, 2, 2, 2
@@ -244,6 +247,8 @@ def main() -> int:
                 pass
         return md
 
+    for spec in filter(None, (x.strip() for x in args.candidates.split(";"))):
+        TARGETS[f"candidate {spec}"] = spec
     # targets first: they carry the issue's claims; each phase is written as soon as it ends
     if args.phase in ("targets", "both"):
         cfg = FrontierConfig(context=args.context, windows=args.target_windows)
