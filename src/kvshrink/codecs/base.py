@@ -24,7 +24,7 @@ import torch
 from ..core.bytes import fp16_nbytes, tensor_nbytes
 from ..core.errors import InputError
 from ..core.registry import Registry
-from ..core.spec import SpecConfig, format_config
+from ..core.spec import Configured, SpecConfig
 
 __all__ = ["CODECS", "Codec", "CodecConfig", "Packed", "Role", "make_codec", "register_codec"]
 
@@ -37,9 +37,6 @@ class CodecConfig(SpecConfig):
     """Base of codec configs. Subclasses are frozen dataclasses validated in ``__post_init__``."""
 
     name: ClassVar[str] = ""
-
-    def __str__(self) -> str:
-        return format_config(self)
 
 
 @dataclass
@@ -88,21 +85,11 @@ class Packed:
         )
 
 
-class Codec(ABC):
+class Codec(Configured, ABC):
     """Base codec. Subclasses implement ``_encode``/``_decode``/``_decode_tokens``."""
 
     config: CodecConfig
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
-
-    def __init__(self, config: CodecConfig) -> None:
-        self.config = config
-
-    @property
-    def spec(self) -> str:
-        return str(self.config)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.spec!r})"
 
     # -- public API -------------------------------------------------------------------------
     def check_dim(self, d: int) -> None:

@@ -107,6 +107,26 @@ class SpecConfig:
         return format_config(self)
 
 
+class Configured:
+    """Something built from one frozen config (a codec, a policy): the config is its identity.
+
+    Its spec string and repr come from the config, so a table row, a log line and a store key
+    name the same thing.
+    """
+
+    config: Any
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    @property
+    def spec(self) -> str:
+        return str(self.config)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec!r})"
+
+
 def _fmt_value(value: Any) -> str:
     if isinstance(value, bool):
         return "1" if value else "0"

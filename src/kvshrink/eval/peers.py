@@ -42,11 +42,6 @@ class HfQuantoConfig(SpecConfig):
         if self.b not in (2, 4):
             raise SpecError(f"hf-quanto: b must be 2 or 4 (quanto's qint2/qint4), got {self.b}")
 
-    def __str__(self) -> str:
-        from ..core.spec import format_config
-
-        return format_config(self)
-
 
 PEERS: Registry = Registry("peer method")
 

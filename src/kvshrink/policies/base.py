@@ -30,7 +30,7 @@ import torch
 
 from ..core.errors import SpecError
 from ..core.registry import Registry
-from ..core.spec import SpecConfig, format_config
+from ..core.spec import Configured, SpecConfig, format_config
 
 __all__ = [
     "POLICIES",
@@ -107,22 +107,12 @@ class Decision:
     low_precision: torch.Tensor | None = None
 
 
-class Policy(ABC):
+class Policy(Configured, ABC):
     """Base policy. Subclasses override the hooks they need; both default to keeping all."""
 
     config: PolicyConfig
     #: the cache keeps a running sum of ``scores`` per slot across forwards (H2O)
     accumulate: ClassVar[bool] = False
-
-    def __init__(self, config: PolicyConfig) -> None:
-        self.config = config
-
-    @property
-    def spec(self) -> str:
-        return str(self.config)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.spec!r})"
 
     def observed_queries(self, n_new: int) -> int:
         """How many of this forward's last queries' attention the cache must put in ``scores``."""
