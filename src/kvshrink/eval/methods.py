@@ -66,12 +66,13 @@ def family(spec: str) -> str:
 def build_method(spec: str):
     """Validate and build a frontier method from its spec (fails before any model is loaded)."""
     stages = split_stages(spec)
-    from .peers import PEERS
-
-    if len(stages) == 1 and parse_stage(stages[0]).name in PEERS:
-        return PEERS.build(stages[0])
     if len(stages) != 1:
         raise SpecError(
-            f"{spec!r}: the frontier measures codecs; token policies ('+') are measured by `kvshrink longbench`"
+            f"{spec!r}: the frontier measures one codec or peer per method; token policies ('+') "
+            "run through kvshrink.CompressedCache"
         )
+    from .peers import PEERS
+
+    if parse_stage(stages[0]).name in PEERS:
+        return PEERS.build(stages[0])
     return CodecMethod(spec, make_codec(spec))
