@@ -22,6 +22,8 @@ import math
 
 import torch
 
+from ..codecs.primitives.rotation import Rotation
+
 __all__ = ["OnlineSoftmax", "allowed_mask", "attend_own_tokens"]
 
 # fused SDPA returning (out, logsumexp); private aten op, so its absence is tolerated
@@ -61,7 +63,15 @@ class OnlineSoftmax:
     padded positions stay finite and can be packed like any other token.
     """
 
-    def __init__(self, q: torch.Tensor, n_kv_heads: int, scaling: float, dv: int, capture: bool = False):
+    def __init__(
+        self,
+        q: torch.Tensor,
+        n_kv_heads: int,
+        scaling: float,
+        dv: int,
+        capture: bool = False,
+        basis: Rotation | None = None,
+    ):
         b, h, nq, d = q.shape
         g = h // n_kv_heads
         self.shape = (b, n_kv_heads, g, nq)
@@ -69,28 +79,48 @@ class OnlineSoftmax:
         self.m = torch.full(self.shape, -math.inf, device=q.device)
         self.l = torch.zeros(self.shape, device=q.device)
         self.acc = torch.zeros(*self.shape, dv, device=q.device)
+        # Rotated chunks (keys Πk, values Πv, as rotation codecs decode them without their Πᵀ)
+        # score against Πq and accumulate into a second sum that is rotated back once at the
+        # end: q·k = Πq·Πk, so the costly per-token Πᵀ of every decoded key and value is skipped.
+        self.basis = basis
+        self.q_rot = basis.apply(self.q) if basis is not None else None
+        self.acc_rot = torch.zeros_like(self.acc) if basis is not None else None
         self.capture = capture
         self._logits: list[torch.Tensor] = []
 
-    def _scores(self, k: torch.Tensor, allowed: torch.Tensor | None, r0: int, r1: int) -> torch.Tensor:
+    def _scores(
+        self, k: torch.Tensor, allowed: torch.Tensor | None, r0: int, r1: int, rotated: bool = False
+    ) -> torch.Tensor:
         b, hk, g, nq = self.shape
         r = r1 - r0
-        qt = self.q if (r0, r1) == (0, nq) else self.q[:, :, :, r0:r1]
+        q = self.q
+        if rotated:
+            if self.q_rot is None:
+                raise ValueError("a rotated chunk needs OnlineSoftmax(basis=...)")
+            q = self.q_rot
+        qt = q if (r0, r1) == (0, nq) else q[:, :, :, r0:r1]
         s = torch.matmul(qt.reshape(b, hk, g * r, -1), k.transpose(-1, -2)).view(b, hk, g, r, -1)
         if allowed is not None:
             s.masked_fill_(~allowed[:, :, None], -math.inf)
         return s
 
     def update(
-        self, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None, r0: int, r1: int
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        allowed: torch.Tensor | None,
+        r0: int,
+        r1: int,
+        rotated: bool = False,
     ) -> None:
         """Fold keys ``k``/values ``v`` ``[B, Hkv, T, *]`` into rows ``[r0, r1)``.
 
         ``allowed``: ``[B|1, Hkv|1, r1 - r0, T]`` bool, or None when every pair may attend.
+        ``rotated``: ``k``/``v`` are in the basis of ``basis`` (see ``__init__``).
         """
         b, hk, g, nq = self.shape
         r = r1 - r0
-        s = self._scores(k, allowed, r0, r1)  # [B, Hkv, g, r, T]
+        s = self._scores(k, allowed, r0, r1, rotated)  # [B, Hkv, g, r, T]
         if self.capture:
             self._logits.append(s)
         whole = (r0, r1) == (0, nq)
@@ -100,13 +130,19 @@ class OnlineSoftmax:
         p = torch.exp(s - m_safe[..., None])
         alpha = torch.exp(m_old - m_safe)
         pv = torch.matmul(p.view(b, hk, g * r, -1), v).view(b, hk, g, r, -1)
+        target, other = ("acc_rot", "acc") if rotated else ("acc", "acc_rot")
         if whole:
             self.l = self.l * alpha + p.sum(-1)
-            self.acc = self.acc * alpha[..., None] + pv
+            setattr(self, target, getattr(self, target) * alpha[..., None] + pv)
+            if getattr(self, other) is not None:
+                setattr(self, other, getattr(self, other) * alpha[..., None])
             self.m = m_new
         else:
             self.l[..., r0:r1] = self.l[..., r0:r1] * alpha + p.sum(-1)
-            self.acc[..., r0:r1, :] = self.acc[..., r0:r1, :] * alpha[..., None] + pv
+            acc = getattr(self, target)
+            acc[..., r0:r1, :] = acc[..., r0:r1, :] * alpha[..., None] + pv
+            if getattr(self, other) is not None:
+                getattr(self, other)[..., r0:r1, :] *= alpha[..., None]
             self.m[..., r0:r1] = m_new
 
     def merge(self, out: torch.Tensor, lse: torch.Tensor, r0: int, r1: int) -> None:
@@ -123,12 +159,17 @@ class OnlineSoftmax:
         self.acc[..., r0:r1, :] = (
             self.acc[..., r0:r1, :] * alpha[..., None] + out.reshape(b, hk, g, r, -1) * beta[..., None]
         )
+        if self.acc_rot is not None:
+            self.acc_rot[..., r0:r1, :] *= alpha[..., None]
         self.m[..., r0:r1] = m_new
 
     def result(self) -> torch.Tensor:
         """``[B, H, Q, Dv]`` float32 attention output."""
         b, hk, g, nq = self.shape
-        out = self.acc / self.l.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+        acc = self.acc
+        if self.acc_rot is not None and self.basis is not None:
+            acc = acc + self.basis.apply_t(self.acc_rot)
+        out = acc / self.l.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
         return out.reshape(b, hk * g, nq, -1)
 
     def _probs(self, s: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
@@ -145,9 +186,11 @@ class OnlineSoftmax:
         self._logits = []
         return self._probs(s, 0, self.shape[-1]).sum(-2).mean(2)
 
-    def mass(self, k: torch.Tensor, allowed: torch.Tensor | None, r0: int, r1: int) -> torch.Tensor:
+    def mass(
+        self, k: torch.Tensor, allowed: torch.Tensor | None, r0: int, r1: int, rotated: bool = False
+    ) -> torch.Tensor:
         """Second pass: attention mass of rows ``[r0, r1)`` on keys ``k``: ``[B, Hkv, T]``."""
-        s = self._scores(k, allowed, r0, r1)
+        s = self._scores(k, allowed, r0, r1, rotated)
         return self._probs(s, r0, r1).sum(-2).mean(2)
 
 

@@ -23,7 +23,7 @@ from ..policies import Decision, LayerView, Policy
 from .attention import OnlineSoftmax, allowed_mask, attend_own_tokens
 from .compact import compact, reclaimable
 from .config import CacheConfig
-from .segment import Segment, cat_dense, encode_segment
+from .segment import Segment, cat_dense, decode_packed_group, encode_segment
 
 __all__ = ["CompressedLayer"]
 
@@ -183,18 +183,21 @@ class CompressedLayer(CacheLayerMixin):
         sources = [*self.segments(), new]
 
         n_obs = self.policy.observed_queries(nq) if self.policy is not None else 0
-        state = OnlineSoftmax(query, self.heads, scaling, v_new.shape[-1], capture=n_obs > 0 and nq == 1)
+        basis = self._basis(query.shape[-1], v_new.shape[-1])
+        state = OnlineSoftmax(
+            query, self.heads, scaling, v_new.shape[-1], capture=n_obs > 0 and nq == 1, basis=basis
+        )
         if nq > 1 and attend_own_tokens(state, k_new, v_new, new.pos, qcols, self.sliding_window):
             read = self.segments()  # the prompt's own tokens are done: read only what was held
         else:
             read = sources
-        for k, v, seg in self._chunks(read):
+        for k, v, seg, rot in self._chunks(read, basis is not None):
             rows = max(1, _TILE // max(1, query.shape[0] * query.shape[1] * seg.size))
             for r0 in range(0, nq, rows):
                 r1 = min(nq, r0 + rows)
                 allowed, skip = self._mask(seg, qcols[r0:r1], pad2d)
                 if not skip:
-                    state.update(k, v, allowed, r0, r1)
+                    state.update(k, v, allowed, r0, r1, rot)
         out = state.result().to(query.dtype).transpose(1, 2).contiguous()
 
         mass = None
@@ -203,21 +206,30 @@ class CompressedLayer(CacheLayerMixin):
                 mass = state.captured_mass()
             else:
                 pieces = []
-                for k, _, seg in self._chunks(sources):
+                for k, _, seg, rot in self._chunks(sources, basis is not None):
                     piece = torch.zeros(self.batch, self.heads, seg.size, device=query.device)
                     rows = max(1, _TILE // max(1, query.shape[0] * query.shape[1] * seg.size))
                     for r0 in range(nq - n_obs, nq, rows):  # tiled: H2O observes every prompt query
                         r1 = min(nq, r0 + rows)
                         allowed, skip = self._mask(seg, qcols[r0:r1], pad2d)
                         if not skip:
-                            piece += state.mass(k, allowed, r0, r1)
+                            piece += state.mass(k, allowed, r0, r1, rot)
                     pieces.append(piece)
                 mass = torch.cat(pieces, dim=-1)
         self._commit(new, new_valid, mass)
         return out
 
-    def _chunks(self, sources: list[Segment]):
-        """Yield ``(k, v, seg)``: float32 keys/values of consecutive slots, about ``chunk`` at a time."""
+    def _basis(self, dq: int, dv: int):
+        """The rotation codec's Π when packed blocks can be read in its basis, else None."""
+        codec = self.codec
+        if dq != dv or not hasattr(codec, "decode_rotated") or getattr(codec.config, "prerope", False):
+            return None
+        return codec.rotation(dq)  # type: ignore[attr-defined]
+
+    def _chunks(self, sources: list[Segment], rotated: bool = False):
+        """Yield ``(k, v, seg, rotated)``: float32 keys/values of consecutive slots, about
+        ``chunk`` at a time; a chunk is all packed or all dense, and packed chunks come in the
+        codec's rotated basis when ``rotated``."""
         limit = self.config.chunk
         pieces: list[Segment] = []
         for seg in sources:
@@ -228,19 +240,22 @@ class CompressedLayer(CacheLayerMixin):
         group: list[Segment] = []
         size = 0
         for seg in [*pieces, None]:  # type: ignore[list-item]
-            if group and (seg is None or size + seg.size > limit):
-                yield self._merge(group)
+            if group and (seg is None or size + seg.size > limit or seg.packed != group[0].packed):
+                yield self._merge(group, rotated and group[0].packed)
                 group, size = [], 0
             if seg is not None:
                 group.append(seg)
                 size += seg.size
 
-    def _merge(self, group: list[Segment]) -> tuple[torch.Tensor, torch.Tensor, Segment]:
-        dense = [s.dense(self.codec) for s in group]
-        k = dense[0][0] if len(dense) == 1 else torch.cat([d[0] for d in dense], dim=2)
-        v = dense[0][1] if len(dense) == 1 else torch.cat([d[1] for d in dense], dim=2)
+    def _merge(self, group: list[Segment], rotated: bool) -> tuple[torch.Tensor, torch.Tensor, Segment, bool]:
+        if group[0].packed:
+            k, v = decode_packed_group(self.codec, group, rotated)
+        else:
+            dense = [s.dense(self.codec) for s in group]
+            k = dense[0][0] if len(dense) == 1 else torch.cat([d[0] for d in dense], dim=2)
+            v = dense[0][1] if len(dense) == 1 else torch.cat([d[1] for d in dense], dim=2)
         if len(group) == 1:
-            return k, v, group[0]
+            return k, v, group[0], rotated
         b = max(s.pos.shape[0] for s in group)
         h = max(s.pos.shape[1] for s in group)
         pos = torch.cat([s.pos.expand(b, h, s.size) for s in group], dim=-1)
@@ -251,7 +266,7 @@ class CompressedLayer(CacheLayerMixin):
             hi=max((s.hi for s in live), default=-1),
             full=all(s.full for s in group),
         )
-        return k, v, meta
+        return k, v, meta, rotated
 
     def _mask(
         self, seg: Segment, qcols: torch.Tensor, pad2d: torch.Tensor | None

@@ -20,7 +20,7 @@ import torch
 
 from ..codecs import Codec, Packed
 
-__all__ = ["Segment", "bounds", "cat_dense", "encode_segment"]
+__all__ = ["Segment", "bounds", "cat_dense", "decode_packed_group", "encode_segment"]
 
 _NONE = sys.maxsize  # lower bound of a segment without live slots: "in the future", never attended
 
@@ -144,6 +144,38 @@ def _decode_rows(codec: Codec, rows: list[Packed]) -> torch.Tensor:
             done[id(p)] = codec.decode(p, torch.float32)
         out.append(done[id(p)])
     return torch.stack(out)
+
+
+def decode_packed_group(
+    codec: Codec, group: list[Segment], rotated: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of consecutive packed segments, float32 ``[B, Hkv, T, D]``.
+
+    Each batch row's Packeds are joined along the tokens first where the codec allows it, so
+    one decode call serves the whole group: at 8k tokens a layer holds 64 blocks, and
+    per-block Python overhead cost more than the arithmetic. ``rotated``: decode in the
+    rotation codec's basis (``decode_rotated``, no per-token Πᵀ), for :class:`OnlineSoftmax`'s
+    rotated accumulator.
+    """
+    rows = len(group[0].keys or [])
+    out = []
+    for role in ("keys", "values"):
+        per_row: list[torch.Tensor] = []
+        done: dict[tuple[int, ...], torch.Tensor] = {}
+        for r in range(rows):
+            packs = [getattr(s, role)[r] for s in group]
+            key = tuple(id(p) for p in packs)
+            if key not in done:  # beams share rows: decode each once
+                joined = codec.concat_tokens(packs)
+                parts = [joined] if joined is not None else packs
+                dec = [
+                    codec.decode_rotated(p) if rotated else codec.decode(p, torch.float32)  # type: ignore[attr-defined]
+                    for p in parts
+                ]
+                done[key] = dec[0] if len(dec) == 1 else torch.cat(dec, dim=-2)
+            per_row.append(done[key])
+        out.append(torch.stack(per_row) if len(per_row) > 1 else per_row[0].unsqueeze(0))
+    return out[0], out[1]
 
 
 def encode_segment(codec: Codec, seg: Segment) -> Segment:

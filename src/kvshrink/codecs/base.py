@@ -90,6 +90,11 @@ class Codec(Configured, ABC):
 
     config: CodecConfig
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
+    #: tensors with one row per token on the token axis (``len(shape) - 2``): a Packed holding
+    #: only these can be joined along the tokens (:meth:`concat_tokens`); empty = never
+    per_token: ClassVar[frozenset[str]] = frozenset()
+    #: meta entries that count tokens, summed when Packeds are joined (others must agree)
+    token_meta: ClassVar[frozenset[str]] = frozenset()
 
     # -- public API -------------------------------------------------------------------------
     def check_dim(self, d: int) -> None:
@@ -123,6 +128,39 @@ class Codec(Configured, ABC):
     def roundtrip(self, x: torch.Tensor, role: Role = "key") -> tuple[torch.Tensor, Packed]:
         packed = self.encode(x, role)
         return self.decode(packed), packed
+
+    def concat_tokens(self, packs: list[Packed]) -> Packed | None:
+        """Join Packeds of consecutive tokens into one, or None where the layout forbids it.
+
+        Why: a cache holds many small blocks; decoding each through Python costs more than the
+        arithmetic. Joining the codes (a copy of a few bytes per token) lets one decode call
+        serve a whole attention chunk. Only token-wise layouts qualify: a block carrying
+        per-block state (a mean, fp16 sinks, KIVI's channel groups) returns None.
+        """
+        if not packs or not self.per_token:
+            return None
+        first = packs[0]
+        lead, d = first.shape[:-2], first.shape[-1]
+        for p in packs:
+            if (
+                p.role != first.role
+                or p.shape[:-2] != lead
+                or p.shape[-1] != d
+                or not set(p.tensors) <= self.per_token
+                or set(p.tensors) != set(first.tensors)
+                or {k: v for k, v in p.meta.items() if k not in self.token_meta}
+                != {k: v for k, v in first.meta.items() if k not in self.token_meta}
+            ):
+                return None
+        if len(packs) == 1:
+            return first
+        axis = len(first.shape) - 2
+        tensors = {n: torch.cat([p.tensors[n] for p in packs], dim=axis) for n in first.tensors}
+        meta = dict(first.meta)
+        for n in self.token_meta & set(meta):
+            meta[n] = sum(p.meta[n] for p in packs)
+        t = sum(p.shape[-2] for p in packs)
+        return Packed(first.spec, first.role, (*lead, t, d), first.dtype, tensors, meta)
 
     def shared_nbytes(self, d: int) -> int:
         """Bytes held once per cache for head dim ``d`` (codebooks, rotations)."""

@@ -31,6 +31,8 @@ class Fp16Config(CodecConfig):
 class Fp16Codec(Codec):
     """Identity at 16 bits: the uncompressed reference, through the same code path."""
 
+    per_token = frozenset({"data"})
+
     def _encode(self, x: torch.Tensor, role: Role) -> Packed:
         return Packed(self.spec, role, tuple(x.shape), x.dtype, {"data": x.to(torch.float16).contiguous()})
 
@@ -64,6 +66,7 @@ class PerTokenIntCodec(Codec):
     """Symmetric absmax integers per token (per group of channels), fp16 scales."""
 
     config: _IntConfig
+    per_token = frozenset({"codes", "scale"})
 
     def _group(self, d: int) -> int:
         return self.config.group or d

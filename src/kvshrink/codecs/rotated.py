@@ -65,6 +65,9 @@ class RotatedCodec(Codec):
     """Base of normalize–rotate–block-quantize codecs; see the module docstring for the layout."""
 
     config: Any  # a frozen config with seed, rot, center, sinks, window (+ subclass fields)
+    # sinks/window/mean are per block, so a Packed holding them is never joined
+    per_token = frozenset(_PER_TOKEN)
+    token_meta = frozenset({"coded"})
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
@@ -203,7 +206,11 @@ class RotatedCodec(Codec):
     def dequantize(self, idx: torch.Tensor, d: int, role: Role = "key") -> torch.Tensor:
         """Codewords of ``idx`` ``[..., D/k]`` concatenated: ``[..., D]`` float32."""
         book = self.codebook(d, role, idx.device)
-        return book[idx].reshape(*idx.shape[:-1], idx.shape[-1] * self.k)
+        # torch's dedicated gathers beat advanced indexing on CPU (measured 3-4x): embedding for
+        # rows of k > 1, take for scalar codebooks
+        if self.k == 1:
+            return torch.take(book.reshape(-1), idx)
+        return torch.nn.functional.embedding(idx, book).reshape(*idx.shape[:-1], idx.shape[-1] * self.k)
 
     # -- encode ----------------------------------------------------------------------------------
     def _encode(self, x: torch.Tensor, role: Role) -> Packed:

@@ -65,6 +65,8 @@ def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     lead = packed.shape[:-1]
     if packed.numel() == 0:
         return torch.zeros(*lead, n, dtype=torch.int64, device=packed.device)
+    if bits == 8:  # one index per byte: a widening copy, no shifts
+        return packed[..., :n].to(torch.int64)
     p = packed.reshape(-1, nb).to(torch.int64)
     if bits in (1, 2, 4, 8):
         per = 8 // bits
