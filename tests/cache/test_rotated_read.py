@@ -29,9 +29,19 @@ def test_online_softmax_rotated_chunks_equal_plain_chunks() -> None:
     torch.testing.assert_close(mixed.result(), plain.result(), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("spec", ["fibquant:b=2", "turboquant:b=3", "fibquant:b=1.5,k=4"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "fibquant:b=2",
+        "turboquant:b=3",
+        "fibquant:b=1.5,k=4",
+        "fibquant:b=1,k=6,pad=1",
+        "turboquant:b=3,qjl=1",
+    ],
+)
 def test_layer_reads_rotated_blocks_like_decoded_blocks(spec: str) -> None:
-    """The same layer state read both ways (rotated basis on, forced off) agrees closely."""
+    """The same layer state read both ways agrees closely: a decode query goes through table
+    lookups (or rotated decoding, for QJL), the reference decodes every block."""
     g = torch.Generator().manual_seed(1)
     layer = make_layer(spec, window=8, block=16)
     k = torch.randn(1, 3, 70, 64, generator=g)
@@ -50,3 +60,24 @@ def test_layer_reads_rotated_blocks_like_decoded_blocks(spec: str) -> None:
     fast = layer.attend(q, 0.125, None, False)
     slow = other.attend(q, 0.125, None, False)
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+
+
+def test_lookup_scores_and_values_equal_decoded_attention() -> None:
+    from kvshrink.cache.lut import lut_group
+
+    layer = make_layer("fibquant:b=1,k=6,pad=1,kb=1.5", window=4, block=8)
+    g = torch.Generator().manual_seed(5)
+    layer.update(torch.randn(2, 3, 40, 64, generator=g), torch.randn(2, 3, 40, 64, generator=g))
+    layer.attend(torch.randn(2, 9, 40, 64, generator=g), 0.125, None, False)
+    codec = layer.codec
+    keys, values = lut_group(codec, layer.blocks)
+    kr = torch.stack(
+        [torch.cat([codec.decode_rotated(s.keys[r]) for s in layer.blocks], -2) for r in range(2)]
+    )
+    vr = torch.stack(
+        [torch.cat([codec.decode_rotated(s.values[r]) for s in layer.blocks], -2) for r in range(2)]
+    )
+    q = torch.randn(2, 3, 5, 64, generator=g)
+    torch.testing.assert_close(keys.scores(q), q @ kr.transpose(-1, -2), rtol=1e-4, atol=1e-4)
+    p = torch.rand(2, 3, 5, kr.shape[2], generator=g)
+    torch.testing.assert_close(values.weighted(p), p @ vr, rtol=1e-4, atol=1e-4)

@@ -99,7 +99,10 @@ class OnlineSoftmax:
                 raise ValueError("a rotated chunk needs OnlineSoftmax(basis=...)")
             q = self.q_rot
         qt = q if (r0, r1) == (0, nq) else q[:, :, :, r0:r1]
-        s = torch.matmul(qt.reshape(b, hk, g * r, -1), k.transpose(-1, -2)).view(b, hk, g, r, -1)
+        if isinstance(k, torch.Tensor):
+            s = torch.matmul(qt.reshape(b, hk, g * r, -1), k.transpose(-1, -2)).view(b, hk, g, r, -1)
+        else:  # codes scored by table lookup (cache.lut), always in the rotated basis
+            s = k.scores(qt.reshape(b, hk, g * r, -1)).view(b, hk, g, r, -1)
         if allowed is not None:
             s.masked_fill_(~allowed[:, :, None], -math.inf)
         return s
@@ -129,7 +132,10 @@ class OnlineSoftmax:
         m_safe = m_new.masked_fill(m_new == -math.inf, 0.0)
         p = torch.exp(s - m_safe[..., None])
         alpha = torch.exp(m_old - m_safe)
-        pv = torch.matmul(p.view(b, hk, g * r, -1), v).view(b, hk, g, r, -1)
+        if isinstance(v, torch.Tensor):
+            pv = torch.matmul(p.view(b, hk, g * r, -1), v).view(b, hk, g, r, -1)
+        else:
+            pv = v.weighted(p.view(b, hk, g * r, -1)).view(b, hk, g, r, -1)
         target, other = ("acc_rot", "acc") if rotated else ("acc", "acc_rot")
         if whole:
             self.l = self.l * alpha + p.sum(-1)

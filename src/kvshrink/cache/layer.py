@@ -23,6 +23,7 @@ from ..policies import Decision, LayerView, Policy
 from .attention import OnlineSoftmax, allowed_mask, attend_own_tokens
 from .compact import compact, reclaimable
 from .config import CacheConfig
+from .lut import LUT_MAX_ROWS, lut_group
 from .segment import Segment, cat_dense, decode_packed_group, encode_segment
 
 __all__ = ["CompressedLayer"]
@@ -191,7 +192,8 @@ class CompressedLayer(CacheLayerMixin):
             read = self.segments()  # the prompt's own tokens are done: read only what was held
         else:
             read = sources
-        for k, v, seg, rot in self._chunks(read, basis is not None):
+        lut = basis is not None and nq * (query.shape[1] // self.heads) <= LUT_MAX_ROWS
+        for k, v, seg, rot in self._chunks(read, basis is not None, lut):
             rows = max(1, _TILE // max(1, query.shape[0] * query.shape[1] * seg.size))
             for r0 in range(0, nq, rows):
                 r1 = min(nq, r0 + rows)
@@ -226,10 +228,11 @@ class CompressedLayer(CacheLayerMixin):
             return None
         return codec.rotation(dq)  # type: ignore[attr-defined]
 
-    def _chunks(self, sources: list[Segment], rotated: bool = False):
+    def _chunks(self, sources: list[Segment], rotated: bool = False, lut: bool = False):
         """Yield ``(k, v, seg, rotated)``: float32 keys/values of consecutive slots, about
         ``chunk`` at a time; a chunk is all packed or all dense, and packed chunks come in the
-        codec's rotated basis when ``rotated``."""
+        codec's rotated basis when ``rotated``; with ``lut`` (few query rows) packed chunks
+        come as codes for table lookup (:mod:`.lut`) where the codec allows."""
         limit = self.config.chunk
         pieces: list[Segment] = []
         for seg in sources:
@@ -241,7 +244,11 @@ class CompressedLayer(CacheLayerMixin):
         size = 0
         for seg in [*pieces, None]:  # type: ignore[list-item]
             if group and (seg is None or size + seg.size > limit or seg.packed != group[0].packed):
-                yield self._merge(group, rotated and group[0].packed)
+                codes = lut_group(self.codec, group) if lut and group[0].packed else None
+                if codes is not None:
+                    yield codes[0], codes[1], self._meta(group), True
+                else:
+                    yield self._merge(group, rotated and group[0].packed)
                 group, size = [], 0
             if seg is not None:
                 group.append(seg)
@@ -254,8 +261,13 @@ class CompressedLayer(CacheLayerMixin):
             dense = [s.dense(self.codec) for s in group]
             k = dense[0][0] if len(dense) == 1 else torch.cat([d[0] for d in dense], dim=2)
             v = dense[0][1] if len(dense) == 1 else torch.cat([d[1] for d in dense], dim=2)
+        return k, v, self._meta(group), rotated
+
+    @staticmethod
+    def _meta(group: list[Segment]) -> Segment:
+        """Bookkeeping of consecutive segments read as one chunk."""
         if len(group) == 1:
-            return k, v, group[0], rotated
+            return group[0]
         b = max(s.pos.shape[0] for s in group)
         h = max(s.pos.shape[1] for s in group)
         pos = torch.cat([s.pos.expand(b, h, s.size) for s in group], dim=-1)
@@ -266,7 +278,7 @@ class CompressedLayer(CacheLayerMixin):
             hi=max((s.hi for s in live), default=-1),
             full=all(s.full for s in group),
         )
-        return k, v, meta, rotated
+        return meta
 
     def _mask(
         self, seg: Segment, qcols: torch.Tensor, pad2d: torch.Tensor | None

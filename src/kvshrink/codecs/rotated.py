@@ -286,6 +286,13 @@ class RotatedCodec(Codec):
             rows: torch.Tensor | None = None
         else:
             rows = index
+        if rows is None and s == 0 and tc == t:  # all tokens coded (the cache's blocks): no scatter
+            y = self._coded(packed, None)
+            mean = tz.get("mean")
+            if rotated:
+                return y if mean is None else y + rot.apply(mean)
+            y = rot.apply_t(y, exact=True)
+            return y if mean is None else y + mean
         is_sink, is_win = index < s, index >= s + tc
         is_code = ~(is_sink | is_win)
         out = torch.empty(*lead, index.numel(), d, device=device)
