@@ -13,7 +13,9 @@ kernel, which also returns the log-sum-exp, so its result folds into the same ru
 Policies that need attention probabilities (SnapKV, H2O) get them here too, without eager
 attention: a single decode query keeps its masked logits (``N`` floats per head) and turns them
 into probabilities once the final ``m, l`` are known; several observed queries (a prompt) take
-a second pass over the chunks with the final ``m, l``.
+a second pass over the chunks with the final ``m, l``. Besides the mass, a pass can weigh rows
+(A2SF's forgetting factor) and count, per key, the rows that gave it at least a threshold
+probability and the rows that could see it (Scissorhands, LazyEviction).
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ import torch
 
 from ..codecs.primitives.rotation import Rotation
 
-__all__ = ["OnlineSoftmax", "allowed_mask", "attend_own_tokens"]
+__all__ = ["Observed", "OnlineSoftmax", "allowed_mask", "attend_own_tokens"]
+
+#: ``(mass, hits, seen)`` per key, ``[B, Hkv, T]`` each (see ``kvshrink.policies.Observation``)
+Observed = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
 # fused SDPA returning (out, logsumexp); private aten op, so its absence is tolerated
 _FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -188,16 +193,59 @@ class OnlineSoftmax:
     def captured_mass(self) -> torch.Tensor:
         """Attention mass per key of the captured rows: ``[B, Hkv, N]``, summed over rows,
         averaged over the query heads of each group (requires ``capture`` and whole-row updates)."""
+        return self.captured_observation(None)[0]
+
+    def captured_observation(self, threshold: float | str | None) -> Observed:
+        """:meth:`observe` over the captured rows (every key of the layer, in slot order)."""
         s = torch.cat(self._logits, dim=-1)
         self._logits = []
-        return self._probs(s, 0, self.shape[-1]).sum(-2).mean(2)
+        if threshold == "uniform":  # 1/t, t = keys the row may attend
+            threshold = 1.0 / torch.isfinite(s[:, :, 0]).sum(-1).clamp_min(1)
+        return self._observe(s, 0, self.shape[-1], None, threshold)
 
     def mass(
         self, k: torch.Tensor, allowed: torch.Tensor | None, r0: int, r1: int, rotated: bool = False
     ) -> torch.Tensor:
         """Second pass: attention mass of rows ``[r0, r1)`` on keys ``k``: ``[B, Hkv, T]``."""
-        s = self._scores(k, allowed, r0, r1, rotated)
-        return self._probs(s, r0, r1).sum(-2).mean(2)
+        return self.observe(k, allowed, r0, r1, rotated=rotated)[0]
+
+    def observe(
+        self,
+        k: torch.Tensor,
+        allowed: torch.Tensor | None,
+        r0: int,
+        r1: int,
+        weights: torch.Tensor | None = None,
+        threshold: torch.Tensor | float | None = None,
+        rotated: bool = False,
+    ) -> Observed:
+        """Second pass over keys ``k`` for rows ``[r0, r1)``: ``(mass, hits, seen)``, each ``[B, Hkv, T]``.
+
+        ``weights``: ``[r1 - r0]`` per-row weights (None: 1). ``threshold``: a probability, or
+        ``[B, Hkv, r1 - r0]`` per row, from which a row counts a key as a hit (after averaging
+        the group's query heads); None skips ``hits`` and ``seen``.
+        """
+        return self._observe(self._scores(k, allowed, r0, r1, rotated), r0, r1, weights, threshold)
+
+    def _observe(
+        self,
+        s: torch.Tensor,
+        r0: int,
+        r1: int,
+        weights: torch.Tensor | None,
+        threshold: torch.Tensor | float | None,
+    ) -> Observed:
+        p = self._probs(s, r0, r1)  # [B, Hkv, g, r, T]
+        w = None if weights is None else weights.view(1, 1, -1, 1)
+        mass = (p.sum(-2) if w is None else (p * w[:, :, None]).sum(-2)).mean(2)
+        if threshold is None:
+            return mass, None, None
+        ok = torch.isfinite(s[:, :, 0])  # [B, Hkv, r, T]: masks are shared by a group
+        theta = threshold[..., None] if isinstance(threshold, torch.Tensor) else threshold
+        hit = (p.mean(2) >= theta) & ok
+        if w is None:
+            return mass, hit.sum(-2).float(), ok.sum(-2).float()
+        return mass, (hit * w).sum(-2), (ok * w).sum(-2)
 
 
 def attend_own_tokens(

@@ -113,9 +113,10 @@ class CompressedCache(Cache):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         codec.check_dim(head_dim)
         policy = parsed.build_policy()
+        windows = layer_windows(config)
         layers = [
-            CompressedLayer(i, codec, policy if window is None else None, parsed.cache, window)
-            for i, window in enumerate(layer_windows(config))
+            CompressedLayer(i, codec, policy if window is None else None, parsed.cache, window, len(windows))
+            for i, window in enumerate(windows)
         ]
         super().__init__(layers=layers)  # type: ignore[arg-type]
         self.parsed: CacheSpec = parsed

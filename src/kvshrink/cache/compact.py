@@ -63,7 +63,10 @@ def compact(
         torch.arange(total, device=pos.device) >= n_live[..., None], -1
     )
     accs = [s.acc for s in rest]
-    new_acc = torch.cat(accs, -1).gather(-1, order) if all(a is not None for a in accs) else None  # type: ignore[arg-type]
+    new_acc = None
+    if all(a is not None for a in accs):  # per-slot policy state [K, B, Hkv, N] follows its slot
+        acc = torch.cat(accs, -1)  # type: ignore[arg-type]
+        new_acc = acc.gather(-1, order.expand(acc.shape[0], *order.shape))
     seg_of = torch.bucketize(
         order.contiguous(), torch.tensor(starts[1:], device=pos.device, dtype=order.dtype), right=True
     )

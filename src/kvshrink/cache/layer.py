@@ -14,12 +14,14 @@ layer holding fewer tokens than layer 0 (eviction, sliding window) is masked cor
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from ..codecs import Codec
 from ..core.errors import InputError
-from ..policies import Decision, LayerView, Policy
+from ..policies import UNIFORM, Decision, LayerView, Observation, Policy
 from .attention import OnlineSoftmax, allowed_mask, attend_own_tokens
 from .compact import compact, reclaimable
 from .config import CacheConfig
@@ -36,7 +38,8 @@ class CompressedLayer(CacheLayerMixin):
 
     ``sliding_window``: set for sliding-window layers (HF rule: a query at column ``q`` sees keys
     at columns ``> q - sliding_window``); such a layer drops blocks nobody can see any more and
-    is never touched by the policy (it is already bounded).
+    is never touched by the policy (it is already bounded). ``n_layers``: decoder layers of the
+    model, shown to the policy (per-layer budgets).
     """
 
     is_compileable = False
@@ -50,9 +53,11 @@ class CompressedLayer(CacheLayerMixin):
         policy: Policy | None,
         config: CacheConfig,
         sliding_window: int | None = None,
+        n_layers: int = 1,
     ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        self.n_layers = n_layers
         self.codec = codec
         self.policy = policy
         self.config = config
@@ -60,6 +65,7 @@ class CompressedLayer(CacheLayerMixin):
         self.is_sliding = sliding_window is not None
         self.window_size = config.window if sliding_window is None else min(config.window, sliding_window - 1)
         self.seen = 0
+        self.step = 0  # single-token forwards since the last multi-token one
         self.blocks: list[Segment] = []
         self.window: Segment | None = None
         self.seen_valid: torch.Tensor | None = None
@@ -105,7 +111,7 @@ class CompressedLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.seen = 0
+        self.seen = self.step = 0
         self.blocks, self.window, self._pending = [], None, None
         self.seen_valid = None
         self.is_initialized = False
@@ -202,24 +208,65 @@ class CompressedLayer(CacheLayerMixin):
                     state.update(k, v, allowed, r0, r1, rot)
         out = state.result().to(query.dtype).transpose(1, 2).contiguous()
 
-        mass = None
-        if n_obs:
-            if nq == 1:
-                mass = state.captured_mass()
-            else:
-                pieces = []
-                for k, _, seg, rot in self._chunks(sources, basis is not None):
-                    piece = torch.zeros(self.batch, self.heads, seg.size, device=query.device)
-                    rows = max(1, _TILE // max(1, query.shape[0] * query.shape[1] * seg.size))
-                    for r0 in range(nq - n_obs, nq, rows):  # tiled: H2O observes every prompt query
-                        r1 = min(nq, r0 + rows)
-                        allowed, skip = self._mask(seg, qcols[r0:r1], pad2d)
-                        if not skip:
-                            piece += state.mass(k, allowed, r0, r1, rot)
-                    pieces.append(piece)
-                mass = torch.cat(pieces, dim=-1)
-        self._commit(new, new_valid, mass)
+        obs = self._observe(state, sources, qcols, n_obs, pad2d) if n_obs else None
+        self._commit(new, new_valid, obs)
         return out
+
+    def _observe(
+        self,
+        state: OnlineSoftmax,
+        sources: list[Segment],
+        qcols: torch.Tensor,
+        n_obs: int,
+        pad2d: torch.Tensor | None,
+    ) -> Observation:
+        """What the last ``n_obs`` queries did to every slot (see :class:`Observation`)."""
+        assert self.policy is not None
+        threshold = self.policy.hit_threshold()
+        if qcols.numel() == 1:
+            return Observation(*state.captured_observation(threshold))
+        nq, r_first = qcols.numel(), qcols.numel() - n_obs
+        decay = self.policy.query_decay()
+        weights = None
+        if decay != 1.0:  # w_r = decay ** (rows after r), in float64 so it underflows to exactly 0
+            weights = (decay ** torch.arange(n_obs - 1, -1, -1, dtype=torch.float64)).float()
+            weights = weights.to(qcols.device)
+        counts = self._visible(sources, qcols[r_first:], pad2d) if threshold == UNIFORM else None
+        sums: list[list[torch.Tensor]] = [[], [], []]
+        for k, _, seg, rot in self._chunks(sources, state.basis is not None):
+            piece = [torch.zeros(self.batch, self.heads, seg.size, device=qcols.device) for _ in range(3)]
+            rows = max(1, _TILE // max(1, self.batch * self.heads * state.shape[2] * seg.size))
+            for r0 in range(r_first, nq, rows):  # tiled: H2O and A2SF observe every prompt query
+                r1 = min(nq, r0 + rows)
+                allowed, skip = self._mask(seg, qcols[r0:r1], pad2d)
+                if skip:
+                    continue
+                w = None if weights is None else weights[r0 - r_first : r1 - r_first]
+                theta = threshold if counts is None else 1.0 / counts[..., r0 - r_first : r1 - r_first]
+                theta_ = None if threshold is None else theta
+                got = state.observe(k, allowed, r0, r1, w, theta_, rot)  # type: ignore[arg-type]
+                for acc, value in zip(piece, got):
+                    if value is not None:
+                        acc += value
+            for out, value in zip(sums, piece):
+                out.append(value)
+        mass, hits, seen = (torch.cat(parts, dim=-1) for parts in sums)
+        return Observation(mass, None, None) if threshold is None else Observation(mass, hits, seen)
+
+    def _visible(
+        self, sources: list[Segment], qcols: torch.Tensor, pad2d: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``[B, Hkv, Q]``: how many slots each query column may attend (at least 1)."""
+        counts = torch.zeros(self.batch, self.heads, qcols.numel(), device=qcols.device)
+        for seg in sources:
+            rows = max(1, _TILE // max(1, self.batch * self.heads * seg.size))
+            for r0 in range(0, qcols.numel(), rows):
+                r1 = min(qcols.numel(), r0 + rows)
+                allowed, skip = self._mask(seg, qcols[r0:r1], pad2d)
+                if skip:
+                    continue
+                counts[..., r0:r1] += seg.size if allowed is None else allowed.sum(-1)
+        return counts.clamp_min(1)
 
     def _basis(self, dq: int, dv: int):
         """The rotation codec's Π when packed blocks can be read in its basis, else None."""
@@ -293,25 +340,20 @@ class CompressedLayer(CacheLayerMixin):
         return allowed_mask(seg.pos, qcols, w, pad2d), False
 
     # -- commit: scores, policy, reclaim, flush ----------------------------------------------
-    def _commit(self, new: Segment, new_valid: torch.Tensor | None, mass: torch.Tensor | None) -> None:
+    def _commit(self, new: Segment, new_valid: torch.Tensor | None, obs: Observation | None) -> None:
         nq = new.size
-        old = self.segments()
-        if self.policy is not None and self.policy.accumulate and mass is not None:
-            a = 0
-            for seg in old:
-                piece = mass[..., a : a + seg.size]
-                seg.acc = piece.clone() if seg.acc is None else seg.acc + piece
-                a += seg.size
-            new.acc = mass[..., a:].contiguous()
-        elif self.policy is not None and self.policy.accumulate:
-            new.acc = torch.zeros(self.batch, self.heads, nq, device=self.device)
+        stateful = self.policy is not None and not self.is_sliding and self.policy.slot_floats > 0
+        if stateful:  # zeros for the new slots; the policy's update_state fills them in
+            assert self.policy is not None
+            new.acc = torch.zeros(self.policy.slot_floats, self.batch, self.heads, nq, device=self.device)
         self.window = cat_dense(([self.window] if self.window is not None else []) + [new])
         assert self.seen_valid is not None
         self.seen_valid = self.seen_valid + (nq if new_valid is None else new_valid.sum(-1))
+        self.step = 0 if nq > 1 else self.step + 1
 
         changed = False
         if self.policy is not None and not self.is_sliding:
-            changed = self._apply_policy(nq, mass)
+            changed = self._apply_policy(nq, obs)
         if self.is_sliding:
             assert self.sliding_window is not None
             horizon = self.seen - self.sliding_window  # columns <= horizon are never seen again
@@ -320,17 +362,26 @@ class CompressedLayer(CacheLayerMixin):
             self._reclaim()
         self._flush()
 
-    def _apply_policy(self, nq: int, mass: torch.Tensor | None) -> bool:
+    def _apply_policy(self, nq: int, obs: Observation | None) -> bool:
         assert self.policy is not None and self.seen_valid is not None
         segs = self.segments()
         positions = torch.cat([s.full_pos(self.batch, self.heads) for s in segs], dim=-1).long()
-        if self.policy.accumulate:
-            scores = torch.cat([s.acc for s in segs], dim=-1)  # type: ignore[misc]
+        view = LayerView(self.layer_idx, positions, None, self.seen_valid, nq, self.n_layers, None, self.step)
+        state = None
+        if self.policy.slot_floats:  # the policy folds this forward into the state kept per slot
+            state = torch.cat([s.acc for s in segs], dim=-1)  # type: ignore[misc]
+            state = self.policy.update_state(replace(view, state=state), obs)
+            a = 0
+            for seg in segs:
+                seg.acc = state[..., a : a + seg.size]
+                a += seg.size
+        if self.policy.accumulate and state is not None:
+            scores: torch.Tensor | None = state[0]
         else:
-            scores = mass
+            scores = None if obs is None else obs.mass
         if scores is not None:
             scores = scores.masked_fill(positions < 0, 0.0)
-        view = LayerView(self.layer_idx, positions, scores, self.seen_valid, nq)
+        view = replace(view, scores=scores, state=state)
         decision = self.policy.on_prefill(view) if nq > 1 else self.policy.on_decode(view)
         if decision is None:
             return False

@@ -39,8 +39,9 @@ def bounds(pos: torch.Tensor) -> tuple[int, int, bool]:
 class Segment:
     """A run of ``T`` slots, packed (``keys``/``values``) or dense (``k``/``v``).
 
-    ``pos``: ``[B|1, Hkv|1, T]`` int32 columns, ``-1`` = empty. ``acc``: ``[B, Hkv, T]`` float32
-    accumulated attention (accumulating policies only). ``lo``/``hi``: bounds of the live
+    ``pos``: ``[B|1, Hkv|1, T]`` int32 columns, ``-1`` = empty. ``acc``: ``[K, B, Hkv, T]``
+    float32 per-slot policy state (H2O's accumulated attention, A2SF's decayed sum, ...; policies
+    with state only), kept here so it moves, is copied and is evicted with its slot. ``lo``/``hi``: bounds of the live
     columns, used to skip or leave unmasked whole chunks. ``full``: no empty slot. ``c0``: when
     slot ``i`` holds column ``c0 + i`` (no eviction happened), else None.
     """
@@ -128,7 +129,7 @@ class Segment:
         if self.pos.shape[0] != 1:
             self.pos = self.pos.index_select(0, idx.to(self.pos.device))
         if self.acc is not None:
-            self.acc = self.acc.index_select(0, idx.to(self.acc.device))
+            self.acc = self.acc.index_select(1, idx.to(self.acc.device))
         if self.k is not None and self.v is not None:
             self.k = self.k.index_select(0, idx.to(self.k.device))
             self.v = self.v.index_select(0, idx.to(self.v.device))

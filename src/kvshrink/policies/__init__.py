@@ -3,7 +3,27 @@
 Importing this package registers every policy. ``make_policy("snapkv:ratio=0.75")`` builds one.
 """
 
-from . import h2o, snapkv, streaming  # noqa: F401  (registration side effects)
-from .base import POLICIES, Decision, LayerView, Policy, PolicyConfig, make_policy, register_policy
+from . import a2sf, h2o, lazyeviction, pyramidkv, scissorhands, snapkv, streaming  # noqa: F401  (registration)
+from .base import (
+    POLICIES,
+    UNIFORM,
+    Decision,
+    LayerView,
+    Observation,
+    Policy,
+    PolicyConfig,
+    make_policy,
+    register_policy,
+)
 
-__all__ = ["POLICIES", "Decision", "LayerView", "Policy", "PolicyConfig", "make_policy", "register_policy"]
+__all__ = [
+    "POLICIES",
+    "UNIFORM",
+    "Decision",
+    "LayerView",
+    "Observation",
+    "Policy",
+    "PolicyConfig",
+    "make_policy",
+    "register_policy",
+]

@@ -5,6 +5,9 @@ position of every slot, and an attention statistic the cache computes in its own
 function, so no eager attention is needed) and the policy answers with a :class:`Decision`.
 Policies hold no tensors: state that must survive between steps, like H2O's accumulated
 attention, lives in the cache beside each slot and is reordered, copied and evicted with it.
+A policy asks for ``state_size`` floats per slot and folds each forward's :class:`Observation`
+into them with :meth:`Policy.update_state` (a pure function of tensors), so a new statistic
+(a decayed sum, an importance count, a last-seen step) needs no change in the cache.
 
 Budgets follow kvpress: ``ratio`` is the fraction *removed*, ``budget`` the number of tokens
 *kept* per KV head and layer. With ``ratio`` the number kept is ``ceil((1 - ratio) * n)``
@@ -34,8 +37,10 @@ from ..core.spec import Configured, SpecConfig, format_config
 
 __all__ = [
     "POLICIES",
+    "UNIFORM",
     "Decision",
     "LayerView",
+    "Observation",
     "Policy",
     "PolicyConfig",
     "live_rank",
@@ -81,6 +86,11 @@ class LayerView:
     heads of each KV group; 0 at empty slots; ``None`` when the policy asked for none.
     ``seen_valid``: ``[B]`` int64, non-padding tokens the sequence has seen, evicted included.
     ``n_new``: how many trailing slots this forward wrote.
+    ``n_layers``: decoder layers of the model (per-layer budgets, PyramidKV).
+    ``state``: ``[K, B, Hkv, N]`` float32 per-slot policy state (``K = state_size``), already
+    updated with this forward's observation; ``None`` for a policy without state.
+    ``step``: single-token forwards since the last multi-token one (1 at the first decode step),
+    for policies that act every ``W`` steps.
     """
 
     layer_idx: int
@@ -88,11 +98,34 @@ class LayerView:
     scores: torch.Tensor | None
     seen_valid: torch.Tensor
     n_new: int
+    n_layers: int = 1
+    state: torch.Tensor | None = None
+    step: int = 0
 
     @property
     def live(self) -> torch.Tensor:
         """``[B, Hkv, N]`` bool: slots holding a token."""
         return self.positions >= 0
+
+
+#: :attr:`Policy.hit_threshold` value meaning "above uniform": probability >= 1 / (keys the query sees)
+UNIFORM = "uniform"
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What this forward's observed queries did to every slot (old ones and the new), ``[B, Hkv, N]``.
+
+    Query ``r`` of ``n`` observed ones (oldest first) weighs ``w_r = decay ** (n - 1 - r)``
+    (:meth:`Policy.query_decay`); probabilities are averaged over the query heads of each KV
+    group first. ``mass``: ``sum_r w_r A_r[j]``. ``hits``: ``sum_r w_r [A_r[j] >= theta_r]``
+    (:meth:`Policy.hit_threshold`; None when the policy sets none). ``seen``:
+    ``sum_r w_r [query r may attend slot j]``, the denominator of a hit rate (with ``hits``).
+    """
+
+    mass: torch.Tensor
+    hits: torch.Tensor | None = None
+    seen: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -111,12 +144,39 @@ class Policy(Configured, ABC):
     """Base policy. Subclasses override the hooks they need; both default to keeping all."""
 
     config: PolicyConfig
-    #: the cache keeps a running sum of ``scores`` per slot across forwards (H2O)
+    #: the cache keeps a running sum of ``scores`` per slot across forwards (H2O); shorthand for
+    #: a one-float state summed by :meth:`update_state` and shown as ``view.scores``
     accumulate: ClassVar[bool] = False
+    #: floats of per-slot state the cache keeps beside each slot (0: none)
+    state_size: ClassVar[int] = 0
+
+    @property
+    def slot_floats(self) -> int:
+        """Floats the cache keeps per slot for this policy."""
+        return max(self.state_size, 1 if self.accumulate else 0)
 
     def observed_queries(self, n_new: int) -> int:
         """How many of this forward's last queries' attention the cache must put in ``scores``."""
         return 0
+
+    def query_decay(self) -> float:
+        """Weight ratio between consecutive observed queries (1: plain sums; A2SF's forgetting factor)."""
+        return 1.0
+
+    def hit_threshold(self) -> float | str | None:
+        """Probability from which an observed query counts a slot as important (``Observation.hits``):
+        a number, :data:`UNIFORM` (``1/t`` for a query seeing ``t`` keys), or None for no hits."""
+        return None
+
+    def update_state(self, view: LayerView, obs: Observation | None) -> torch.Tensor:
+        """Fold this forward's observation into the per-slot state; returns ``[K, B, Hkv, N]``.
+
+        ``view.state`` holds the previous state, zeros at the ``view.n_new`` new slots; ``obs`` is
+        None when no query was observed. Runs before :meth:`on_prefill`/:meth:`on_decode`, which
+        then see the result as ``view.state``. The default sums ``mass`` (``accumulate``).
+        """
+        assert view.state is not None
+        return view.state if obs is None else view.state + obs.mass
 
     def on_prefill(self, view: LayerView) -> Decision | None:
         """After a forward that wrote ``view.n_new > 1`` tokens."""
