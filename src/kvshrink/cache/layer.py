@@ -23,6 +23,7 @@ from ..policies import Decision, LayerView, Policy
 from .attention import OnlineSoftmax, allowed_mask, attend_own_tokens
 from .compact import compact, reclaimable
 from .config import CacheConfig
+from .pages import make_page_table, narrow
 from .segment import Segment, cat_dense, encode_segment
 
 __all__ = ["CompressedLayer"]
@@ -63,6 +64,7 @@ class CompressedLayer(CacheLayerMixin):
         self.window: Segment | None = None
         self.seen_valid: torch.Tensor | None = None
         self._pending: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        self.pages = make_page_table(policy, layer_idx, codec, config.window)  # Quest/ArkVale pages
 
     def __repr__(self) -> str:
         kind = f"sliding={self.sliding_window}" if self.is_sliding else "full"
@@ -108,6 +110,8 @@ class CompressedLayer(CacheLayerMixin):
         self.blocks, self.window, self._pending = [], None, None
         self.seen_valid = None
         self.is_initialized = False
+        if self.pages is not None:
+            self.pages.reset()
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove != 0:
@@ -141,6 +145,8 @@ class CompressedLayer(CacheLayerMixin):
         assert self.seen_valid is not None
         self.seen_valid = self.seen_valid.index_select(0, idx)
         self.batch = idx.numel()
+        if self.pages is not None:
+            self.pages.index_rows(idx)
 
     # -- bookkeeping -------------------------------------------------------------------------
     def segments(self) -> list[Segment]:
@@ -188,11 +194,13 @@ class CompressedLayer(CacheLayerMixin):
             read = self.segments()  # the prompt's own tokens are done: read only what was held
         else:
             read = sources
-        for k, v, seg in self._chunks(read):
+        for k, v, seg, sel in self._reads(read, query):
             rows = max(1, _TILE // max(1, query.shape[0] * query.shape[1] * seg.size))
             for r0 in range(0, nq, rows):
                 r1 = min(nq, r0 + rows)
                 allowed, skip = self._mask(seg, qcols[r0:r1], pad2d)
+                if sel is not None:
+                    allowed, skip = narrow(allowed, skip, sel, r0, r1)
                 if not skip:
                     state.update(k, v, allowed, r0, r1)
         out = state.result().to(query.dtype).transpose(1, 2).contiguous()
@@ -214,7 +222,25 @@ class CompressedLayer(CacheLayerMixin):
                     pieces.append(piece)
                 mass = torch.cat(pieces, dim=-1)
         self._commit(new, new_valid, mass)
+        if self.pages is not None:
+            self.pages.sync(self.blocks, query, self.seen_valid)  # type: ignore[arg-type]
         return out
+
+    def _reads(self, read: list[Segment], query: torch.Tensor):
+        """Yield ``(k, v, seg, sel)`` over ``read``; ``sel`` restricts packed pages to those a
+        page policy selected for ``query`` (None: every slot may be read)."""
+        pick = None
+        if self.pages is not None and self.blocks:
+            assert self.seen_valid is not None
+            pick = self.pages.select(self.blocks, query, self.seen_valid)
+        if pick is None:
+            for k, v, seg in self._chunks(read):
+                yield k, v, seg, None
+            return
+        # read = segments() (+ the new tokens), which starts with the blocks
+        yield from self.pages.read(self.blocks, pick, self.config.chunk)  # type: ignore[union-attr]
+        for k, v, seg in self._chunks(read[len(self.blocks) :]):
+            yield k, v, seg, None
 
     def _chunks(self, sources: list[Segment]):
         """Yield ``(k, v, seg)``: float32 keys/values of consecutive slots, about ``chunk`` at a time."""
