@@ -61,7 +61,8 @@ def brute_pick(layer, query: torch.Tensor, rows: int) -> torch.Tensor:
                     )
                     hi, lo = hi[0, 0].half().float(), lo[0, 0].half().float()
                     qs = query[i, kh * g : (kh + 1) * g, qr].float()
-                    scores.append(float(torch.maximum(qs * hi, qs * lo).sum(-1).mean()))
+                    per_head = torch.maximum(qs * hi, qs * lo).sum(-1)
+                    scores.append(float(per_head.mean() if cfg.group == "mean" else per_head.max()))
                     live.append(p)
                 tokens = (
                     cfg.budget
@@ -133,8 +134,9 @@ def drive(layer, chunks, pad_rows=0, seed=0, hk=2, grp=3, d=32):
     [
         "quest:budget=64,page=8,sinks=1,window=1,dense_layers=0+int8",
         "arkvale:budget=56,page=8,dense_layers=0+int4",
+        "arkvale:budget=56,page=8,dense_layers=0,group=max,window=0+fp16",
     ],
-    ids=["quest", "arkvale"],
+    ids=["quest", "arkvale", "arkvale-max"],
 )
 def test_paged_layer_reads_exactly_the_selected_pages(spec: str) -> None:
     layer = make_layer(spec, chunk=20)

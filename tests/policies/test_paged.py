@@ -13,8 +13,8 @@ from kvshrink.policies import make_policy
 from kvshrink.policies.paged import PageView, page_scores
 
 
-def brute_scores(query: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
-    """Loop reference of ``page_scores``: per query head its KV head's box, then the group mean."""
+def brute_scores(query: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, group: str) -> torch.Tensor:
+    """Loop reference of ``page_scores``: per query head its KV head's box, then the group mean/max."""
     b, hk, g, nq, _ = query.shape
     p = hi.shape[2]
     out = torch.zeros(b, hk, nq, p, dtype=torch.float64)
@@ -31,7 +31,7 @@ def brute_scores(query: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> tor
                         )
                         for a in range(g)
                     ]
-                    out[i, h, r, j] = sum(per_head) / g
+                    out[i, h, r, j] = sum(per_head) / g if group == "mean" else max(per_head)
     return out
 
 
@@ -39,13 +39,14 @@ def digest_of(spec: str, keys: torch.Tensor, live: torch.Tensor):
     return make_policy(spec).digest(keys, live)  # type: ignore[attr-defined]
 
 
-def test_page_scores_match_brute_force_under_gqa() -> None:
+@pytest.mark.parametrize("group", ["mean", "max"])
+def test_page_scores_match_brute_force_under_gqa(group: str) -> None:
     g = torch.Generator().manual_seed(0)
     query = torch.randn(2, 3, 2, 4, 8, generator=g)
     keys = torch.randn(2, 3, 5, 6, 8, generator=g)  # 5 pages of 6 keys
     lo, hi = keys.amin(3), keys.amax(3)
-    got = page_scores(query, hi, lo)
-    torch.testing.assert_close(got.double(), brute_scores(query, hi, lo), atol=1e-5, rtol=1e-5)
+    got = page_scores(query, hi, lo, group)
+    torch.testing.assert_close(got.double(), brute_scores(query, hi, lo, group), atol=1e-5, rtol=1e-5)
 
 
 def test_quest_digest_is_the_live_min_max_and_arkvale_the_cuboid_mean() -> None:
@@ -162,6 +163,7 @@ def test_ratio_scales_the_pages_with_the_tokens_seen() -> None:
         ("arkvale:budget=128", "leaves no page to select"),
         ("quest:budget=32,page=16", "must be >= 48"),
         ("arkvale:ratio=1.0", "ratio"),
+        ("arkvale:budget=512,group=sum", "group must be 'mean' or 'max'"),
         ("quest:budget=64,foo=1", "unknown option"),
         ("quets:budget=64", "did you mean quest"),
     ],

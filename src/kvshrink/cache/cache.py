@@ -9,7 +9,9 @@ Each layer keeps the newest ``window`` tokens in full precision and packs older 
 the model by the constructor, see :mod:`~kvshrink.cache.install`) decodes packed blocks chunk
 by chunk inside an online softmax, so ``update`` never returns the dense history. An optional
 policy (StreamingLLM, SnapKV, H2O) evicts per KV head before tokens are packed or, later,
-empties packed slots that compaction gives back.
+empties packed slots that compaction gives back; a page policy (Quest, ArkVale) instead picks
+the packed pages each later forward reads, and ArkVale keeps only a budget of them resident,
+the rest in a host backup (``memory_report()`` counts ``resident`` and ``total`` bytes).
 
 ``get_seq_length()`` counts every token the sequence has seen, evicted ones included, so
 ``generate`` keeps assigning true position ids and cache positions however few tokens a layer

@@ -49,4 +49,4 @@ class ArkVale(PagePolicy):
         return centre + radius, centre - radius
 
     def select_pages(self, view: PageView) -> torch.Tensor:
-        return self.top_pages(view, page_scores(view.query[..., -1:, :], view.hi, view.lo))
+        return self.top_pages(view, page_scores(view.query[..., -1:, :], view.hi, view.lo, self.config.group))

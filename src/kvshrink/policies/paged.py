@@ -47,9 +47,12 @@ class PagePolicyConfig(PolicyConfig):
     sinks: int = 1
     window: int = 2
     dense_layers: int = 2
+    group: str = "mean"  # how a KV head combines its query heads' page scores: mean or max
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.group not in ("mean", "max"):
+            raise SpecError(f"{self.name}: group must be 'mean' or 'max', got {self.group!r}")
         for key, low in (("page", 1), ("sinks", 0), ("window", 0), ("dense_layers", 0)):
             if getattr(self, key) < low:
                 raise SpecError(f"{self.name}: {key} must be >= {low}, got {getattr(self, key)}")
@@ -92,8 +95,9 @@ class PageView:
     dense: int
 
 
-def page_scores(query: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
-    """``[B, Hkv, Q, P]``: ``sum_j max(q_j hi_j, q_j lo_j)`` averaged over each group's query heads.
+def page_scores(query: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, group: str = "mean") -> torch.Tensor:
+    """``[B, Hkv, Q, P]``: ``sum_j max(q_j hi_j, q_j lo_j)`` averaged (``group="max"``: maximised)
+    over each group's query heads.
 
     ``query``: ``[B, Hkv, g, Q, D]``; ``hi``/``lo``: ``[B, Hkv, P, D]``. Valid as written for any
     box with ``hi >= lo``: the maximum picks ``hi_j`` where ``q_j > 0``, ``lo_j`` where ``q_j < 0``.
@@ -102,7 +106,8 @@ def page_scores(query: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> torc
     q = query.float().reshape(b, hk, g * nq, d)
     pos = q.clamp_min(0.0)
     s = pos @ hi.float().transpose(-1, -2) + (q - pos) @ lo.float().transpose(-1, -2)
-    return s.view(b, hk, g, nq, -1).mean(2)
+    s = s.view(b, hk, g, nq, -1)
+    return s.mean(2) if group == "mean" else s.amax(2)
 
 
 class PagePolicy(Policy):

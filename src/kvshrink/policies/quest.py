@@ -39,4 +39,4 @@ class Quest(PagePolicy):
         return masked_extremes(keys, live)
 
     def select_pages(self, view: PageView) -> torch.Tensor:
-        return self.top_pages(view, page_scores(view.query, view.hi, view.lo))
+        return self.top_pages(view, page_scores(view.query, view.hi, view.lo, self.config.group))
