@@ -107,5 +107,5 @@ def test_bad_specs_raise_one_line(spec: str, match: str) -> None:
 
 @pytest.mark.parametrize("name", POLICIES.names())
 def test_spec_roundtrip(name: str) -> None:
-    p = make_policy(f"{name}:budget=100")
+    p = make_policy(f"{name}:budget=512")
     assert make_policy(str(p.config)).config == p.config

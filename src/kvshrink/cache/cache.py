@@ -9,7 +9,9 @@ Each layer keeps the newest ``window`` tokens in full precision and packs older 
 the model by the constructor, see :mod:`~kvshrink.cache.install`) decodes packed blocks chunk
 by chunk inside an online softmax, so ``update`` never returns the dense history. An optional
 policy (StreamingLLM, SnapKV, H2O) evicts per KV head before tokens are packed or, later,
-empties packed slots that compaction gives back.
+empties packed slots that compaction gives back; a page policy (Quest, ArkVale) instead picks
+the packed pages each later forward reads, and ArkVale keeps only a budget of them resident,
+the rest in a host backup (``memory_report()`` counts ``resident`` and ``total`` bytes).
 
 ``get_seq_length()`` counts every token the sequence has seen, evicted ones included, so
 ``generate`` keeps assigning true position ids and cache positions however few tokens a layer
@@ -38,7 +40,12 @@ __all__ = ["CompressedCache", "LayerBytes", "MemoryReport"]
 @dataclass(frozen=True)
 class LayerBytes:
     """Bytes one layer holds. ``baseline_tokens``: what ``DynamicCache`` would hold (all seen
-    tokens, or the last ``sliding_window - 1`` on a sliding layer); ``fp16``: those in fp16."""
+    tokens, or the last ``sliding_window - 1`` on a sliding layer); ``fp16``: those in fp16.
+
+    ``packed``/``window``/``bookkeeping`` (page digests included) are resident: what attention
+    keeps on its device. ``backup``: packed pages held off it (ArkVale's host store), counted in
+    ``total`` only. ``live``: tokens per KV head held anywhere; ``resident_live``: of those, the
+    ones attention can read without a recall."""
 
     layer: int
     sliding_window: int | None
@@ -50,24 +57,43 @@ class LayerBytes:
     bookkeeping: int
     baseline_tokens: int
     fp16: int
+    backup: int = 0
+    resident_live: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.resident_live is None:
+            object.__setattr__(self, "resident_live", self.live)
+
+    @property
+    def resident(self) -> int:
+        return self.packed + self.window + self.bookkeeping
 
     @property
     def total(self) -> int:
-        return self.packed + self.window + self.bookkeeping
+        return self.resident + self.backup
 
 
 @dataclass(frozen=True)
 class MemoryReport:
-    """Resident bytes of a cache: every packed tensor, window and bookkeeping tensor, and the
-    codec's shared state once; rows that beams share are counted once."""
+    """Bytes of a cache: every packed tensor, window and bookkeeping tensor, and the codec's
+    shared state once; rows that beams share are counted once. ``resident``: what attention keeps
+    on its device; ``total`` (= ``nbytes``): everything held anywhere, a host backup included."""
 
     spec: str
     layers: tuple[LayerBytes, ...]
     shared: int
 
     @property
-    def nbytes(self) -> int:
+    def resident(self) -> int:
+        return self.shared + sum(layer.resident for layer in self.layers)
+
+    @property
+    def total(self) -> int:
         return self.shared + sum(layer.total for layer in self.layers)
+
+    @property
+    def nbytes(self) -> int:
+        return self.total
 
     @property
     def fp16(self) -> int:
@@ -75,25 +101,37 @@ class MemoryReport:
 
     @property
     def ratio(self) -> float:
-        """fp16-equivalent bytes over bytes held (higher is smaller)."""
+        """fp16-equivalent bytes over bytes held anywhere (higher is smaller)."""
         return self.fp16 / max(self.nbytes, 1)
+
+    @property
+    def resident_ratio(self) -> float:
+        """fp16-equivalent bytes over resident bytes."""
+        return self.fp16 / max(self.resident, 1)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "spec": self.spec,
             "nbytes": self.nbytes,
+            "resident": self.resident,
+            "total": self.total,
             "fp16": self.fp16,
             "ratio": self.ratio,
+            "resident_ratio": self.resident_ratio,
             "shared": self.shared,
             "layers": [asdict(layer) for layer in self.layers],
         }
 
     def __str__(self) -> str:
-        rows = [f"{self.spec}: {self.nbytes} B held, {self.fp16} B fp16-equivalent ({self.ratio:.2f}x)"]
-        rows.append("layer  seen  slots    packed    window  bookkeep      fp16")
+        rows = [
+            f"{self.spec}: {self.nbytes} B held ({self.resident} B resident), {self.fp16} B fp16-equivalent "
+            f"({self.ratio:.2f}x, {self.resident_ratio:.2f}x resident)"
+        ]
+        rows.append("layer  seen  slots    packed    window  bookkeep    backup      fp16")
         for b in self.layers:
             rows.append(
-                f"{b.layer:5d} {b.seen:5d} {b.slots:6d} {b.packed:9d} {b.window:9d} {b.bookkeeping:9d} {b.fp16:9d}"
+                f"{b.layer:5d} {b.seen:5d} {b.slots:6d} {b.packed:9d} {b.window:9d} {b.bookkeeping:9d} "
+                f"{b.backup:9d} {b.fp16:9d}"
             )
         return "\n".join(rows)
 
@@ -183,6 +221,13 @@ class CompressedCache(Cache):
                 assert layer.seen_valid is not None
                 meta += layer.seen_valid.numel() * layer.seen_valid.element_size()
                 fp16 = 2 * layer.batch * layer.heads * 2 * self.head_dim * baseline
+            backup, resident_live = 0, live
+            if layer.pages is not None:  # page digests are resident; ArkVale's blocks are the backup
+                if layer.pages.policy.recall:
+                    backup, packed = packed, 0
+                copies, digests = layer.pages.nbytes(seen_ids)
+                packed, meta = packed + copies, meta + digests
+                resident_live = live - layer.pages.evicted_live()
             rows.append(
                 LayerBytes(
                     layer.layer_idx,
@@ -195,10 +240,13 @@ class CompressedCache(Cache):
                     meta,
                     baseline,
                     fp16,
+                    backup,
+                    resident_live,
                 )
             )
         return MemoryReport(self.spec, tuple(rows), self.codec.shared_nbytes(self.head_dim))
 
     def nbytes(self) -> int:
-        """Resident bytes: everything attention keeps, shared codec state counted once."""
+        """Total bytes held anywhere (a host backup included), shared codec state counted once;
+        ``memory_report().resident`` is the part attention keeps on its device."""
         return self.memory_report().nbytes

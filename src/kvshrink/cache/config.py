@@ -10,7 +10,9 @@ Grammar (stages are the ``core.spec`` stages; order is free, the canonical form 
 
 Examples: ``int4``, ``kivi:b=2``, ``snapkv:ratio=0.75+fp16``,
 ``streamingllm:sinks=4,budget=256+int4+cache:window=64``. ``str(CacheSpec)`` prints
-``policy+codec[+cache]`` with the cache stage only when it differs from the defaults.
+``policy+codec[+cache]`` with the cache stage only when it differs from the defaults. Page
+policies (``quest``, ``arkvale``) change those defaults: ``block`` is their ``page`` (another
+explicit block raises) and ``window`` is 0 unless given.
 
 Codec options that keep token ranges in fp16 inside one encode (KIVI's ``residual``, the
 rotation codecs' ``sinks`` and ``window``) are set to 0 inside the cache: every block is one
@@ -29,6 +31,7 @@ from ..codecs import CODECS, Codec, CodecConfig, make_codec
 from ..core.errors import SpecError
 from ..core.spec import SpecConfig, build_config, format_config, nearest, parse_stage, split_stages
 from ..policies import POLICIES, Policy, PolicyConfig
+from ..policies.paged import PagePolicyConfig
 
 __all__ = ["CacheConfig", "CacheSpec", "parse_cache_spec"]
 
@@ -74,8 +77,14 @@ class CacheSpec:
     def __str__(self) -> str:
         parts = [str(self.policy)] if self.policy is not None else []
         parts.append(str(self.codec))
-        if self.cache != CacheConfig():
-            parts.append(str(self.cache))
+        default = _aligned(self.policy, CacheConfig(), set())  # a page policy moves the defaults
+        changed = [
+            f"{f.name}={getattr(self.cache, f.name)}"
+            for f in dataclasses.fields(CacheConfig)
+            if getattr(self.cache, f.name) != getattr(default, f.name)
+        ]
+        if changed:
+            parts.append(f"{CacheConfig.name}:{','.join(changed)}")
         return "+".join(parts)
 
     def build_codec(self) -> Codec:
@@ -95,12 +104,14 @@ def parse_cache_spec(spec: str, **cache_options: Any) -> CacheSpec:
     codec: CodecConfig | None = None
     policy: PolicyConfig | None = None
     cache: CacheConfig | None = None
+    explicit: set[str] = set()  # cache options given, which a page policy must not override
     for text in split_stages(spec):
         stage = parse_stage(text)
         if stage.name == CacheConfig.name:
             if cache is not None:
                 raise SpecError(f"more than one 'cache' stage in {spec!r}")
             cache = build_config(CacheConfig, stage)
+            explicit = {key for key, _ in stage.options}
         elif stage.name in POLICIES:
             if policy is not None:
                 raise SpecError(f"more than one policy in {spec!r}; a cache takes at most one")
@@ -133,7 +144,14 @@ def parse_cache_spec(spec: str, **cache_options: Any) -> CacheSpec:
         if unknown:
             raise SpecError(f"unknown cache option(s) {unknown}; valid: {', '.join(sorted(fields))}")
         cache = dataclasses.replace(cache, **cache_options)
+        explicit |= set(cache_options)
+    cache = _aligned(policy, cache, explicit)
     return CacheSpec(codec=codec, policy=policy, cache=cache)
+
+
+def _aligned(policy: PolicyConfig | None, cache: CacheConfig, explicit: set[str]) -> CacheConfig:
+    """Page policies (Quest, ArkVale) set the block to their page and the window to 0 unless given."""
+    return policy.align_cache(cache, explicit) if isinstance(policy, PagePolicyConfig) else cache
 
 
 def _default(config: Any, name: str) -> Any:

@@ -26,6 +26,7 @@ from .attention import OnlineSoftmax, allowed_mask, attend_own_tokens
 from .compact import compact, reclaimable
 from .config import CacheConfig
 from .lut import LUT_MAX_ROWS, lut_group
+from .pages import make_page_table, narrow
 from .segment import Segment, cat_dense, decode_packed_group, encode_segment
 
 __all__ = ["CompressedLayer"]
@@ -70,6 +71,7 @@ class CompressedLayer(CacheLayerMixin):
         self.window: Segment | None = None
         self.seen_valid: torch.Tensor | None = None
         self._pending: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        self.pages = make_page_table(policy, layer_idx, codec, config.window)  # Quest/ArkVale pages
 
     def __repr__(self) -> str:
         kind = f"sliding={self.sliding_window}" if self.is_sliding else "full"
@@ -115,6 +117,8 @@ class CompressedLayer(CacheLayerMixin):
         self.blocks, self.window, self._pending = [], None, None
         self.seen_valid = None
         self.is_initialized = False
+        if self.pages is not None:
+            self.pages.reset()
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove != 0:
@@ -148,6 +152,8 @@ class CompressedLayer(CacheLayerMixin):
         assert self.seen_valid is not None
         self.seen_valid = self.seen_valid.index_select(0, idx)
         self.batch = idx.numel()
+        if self.pages is not None:
+            self.pages.index_rows(idx)
 
     # -- bookkeeping -------------------------------------------------------------------------
     def segments(self) -> list[Segment]:
@@ -199,17 +205,21 @@ class CompressedLayer(CacheLayerMixin):
         else:
             read = sources
         lut = basis is not None and nq * (query.shape[1] // self.heads) <= LUT_MAX_ROWS
-        for k, v, seg, rot in self._chunks(read, basis is not None, lut):
+        for k, v, seg, sel, rot in self._reads(read, query, basis is not None, lut):
             rows = max(1, _TILE // max(1, query.shape[0] * query.shape[1] * seg.size))
             for r0 in range(0, nq, rows):
                 r1 = min(nq, r0 + rows)
                 allowed, skip = self._mask(seg, qcols[r0:r1], pad2d)
+                if sel is not None:
+                    allowed, skip = narrow(allowed, skip, sel, r0, r1)
                 if not skip:
                     state.update(k, v, allowed, r0, r1, rot)
         out = state.result().to(query.dtype).transpose(1, 2).contiguous()
 
         obs = self._observe(state, sources, qcols, n_obs, pad2d) if n_obs else None
         self._commit(new, new_valid, obs)
+        if self.pages is not None:
+            self.pages.sync(self.blocks, query, self.seen_valid)  # type: ignore[arg-type]
         return out
 
     def _observe(
@@ -267,6 +277,24 @@ class CompressedLayer(CacheLayerMixin):
                     continue
                 counts[..., r0:r1] += seg.size if allowed is None else allowed.sum(-1)
         return counts.clamp_min(1)
+
+    def _reads(self, read: list[Segment], query: torch.Tensor, rotated: bool, lut: bool):
+        """Yield ``(k, v, seg, sel, rotated)`` over ``read``; ``sel`` restricts packed pages to
+        those a page policy selected for ``query`` (None: every slot may be read); page reads
+        come decoded in the original basis."""
+        pick = None
+        if self.pages is not None and self.blocks:
+            assert self.seen_valid is not None
+            pick = self.pages.select(self.blocks, query, self.seen_valid)
+        if pick is None:
+            for k, v, seg, rot in self._chunks(read, rotated, lut):
+                yield k, v, seg, None, rot
+            return
+        # read = segments() (+ the new tokens), which starts with the blocks
+        for k, v, seg, sel in self.pages.read(self.blocks, pick, self.config.chunk):  # type: ignore[union-attr]
+            yield k, v, seg, sel, False
+        for k, v, seg, rot in self._chunks(read[len(self.blocks) :], rotated, lut):
+            yield k, v, seg, None, rot
 
     def _basis(self, dq: int, dv: int):
         """The rotation codec's Π when packed blocks can be read in its basis, else None."""

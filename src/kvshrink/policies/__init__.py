@@ -3,7 +3,17 @@
 Importing this package registers every policy. ``make_policy("snapkv:ratio=0.75")`` builds one.
 """
 
-from . import a2sf, h2o, lazyeviction, pyramidkv, scissorhands, snapkv, streaming  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration side effects)
+    a2sf,
+    arkvale,
+    h2o,
+    lazyeviction,
+    pyramidkv,
+    quest,
+    scissorhands,
+    snapkv,
+    streaming,
+)
 from .base import (
     POLICIES,
     UNIFORM,

@@ -17,9 +17,9 @@ prompt alone and the same prompt inside a left-padded batch keep the same tokens
 Hooks: :meth:`Policy.on_prefill` runs after a forward that wrote several tokens (a prompt or a
 prompt chunk), :meth:`Policy.on_decode` after each single-token step. Room is left for two
 later kinds of policy: precision policies (MiKV: keep a token but store it at low precision)
-answer with ``Decision.low_precision``; query-aware page selection with recall (Quest,
-ArkVale) needs a read-time hook that picks blocks per query, which the cache would call
-before attention; neither is served yet and the cache rejects a decision that asks for it.
+answer with ``Decision.low_precision``, not served yet (the cache rejects such a decision).
+Query-aware page selection with recall (Quest, ArkVale) is a different kind of policy, served
+by a read-time hook: see :mod:`.paged` and :mod:`kvshrink.cache.pages`.
 """
 
 from __future__ import annotations
