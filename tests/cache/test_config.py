@@ -59,6 +59,7 @@ def test_codec_fp16_ranges_are_refused_when_set(option: str) -> None:
         ("int4+cache:window=-1", "window must be"),
         ("int4+cache:windw=3", "unknown option"),
         ("kivi:b=2,residual=64", "would keep fp16 tokens in every packed block"),
+        ("fibquant:b=2,prerope=1", "prerope=1 is served by the frontier harness only"),
     ],
 )
 def test_bad_specs_raise_one_line(spec: str, match: str) -> None:

@@ -137,6 +137,11 @@ def parse_cache_spec(spec: str, **cache_options: Any) -> CacheSpec:
                 f"{codec.name}: {name}={value} would keep fp16 tokens in every packed block of CompressedCache; "
                 "use cache:window=N for the full-precision window (and streamingllm for sinks)"
             )
+    if getattr(codec, "prerope", False):
+        raise SpecError(
+            f"{codec.name}: prerope=1 is served by the frontier harness only; CompressedCache codes the keys "
+            "it is given, after RoPE, so drop prerope=1 from cache specs"
+        )
     cache = cache or CacheConfig()
     if cache_options:
         fields = {f.name for f in dataclasses.fields(CacheConfig)}
