@@ -7,6 +7,10 @@ softmax (never the whole layer in full precision), and only afterwards commits t
 policy scores are added, the policy decides, expired or evicted slots are given back, and the
 window flushes its oldest ``block`` tokens into a packed block (quantize on write).
 
+A precision policy's demoted tokens move to runs packed with the low codec
+(:mod:`.precision`), kept in ``low`` ahead of the main blocks; a merging policy's dropped tokens
+fold into one compensation entry per KV head (:mod:`.compensation`). Neither is ever compacted.
+
 Masks come from this layer's own per-slot positions (columns of the 2-D attention mask), so a
 layer holding fewer tokens than layer 0 (eviction, sliding window) is masked correctly; the
 2-D mask is honoured for padding, both when a token is written and when it is read.
@@ -22,7 +26,9 @@ from ..core.errors import InputError
 from ..policies import Decision, LayerView, Policy
 from .attention import OnlineSoftmax, allowed_mask, attend_own_tokens
 from .compact import compact, reclaimable
+from .compensation import Compensation
 from .config import CacheConfig
+from .precision import demote, low_slots
 from .segment import Segment, cat_dense, encode_segment
 
 __all__ = ["CompressedLayer"]
@@ -35,7 +41,8 @@ class CompressedLayer(CacheLayerMixin):
 
     ``sliding_window``: set for sliding-window layers (HF rule: a query at column ``q`` sees keys
     at columns ``> q - sliding_window``); such a layer drops blocks nobody can see any more and
-    is never touched by the policy (it is already bounded).
+    is never touched by the policy (it is already bounded). ``low_codec``: packs the tokens a
+    precision policy demotes.
     """
 
     is_compileable = False
@@ -49,10 +56,12 @@ class CompressedLayer(CacheLayerMixin):
         policy: Policy | None,
         config: CacheConfig,
         sliding_window: int | None = None,
+        low_codec: Codec | None = None,
     ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.codec = codec
+        self.low_codec = low_codec
         self.policy = policy
         self.config = config
         self.sliding_window = sliding_window
@@ -61,6 +70,8 @@ class CompressedLayer(CacheLayerMixin):
         self.seen = 0
         self.blocks: list[Segment] = []
         self.window: Segment | None = None
+        self.low: list[Segment] = []  # runs packed with low_codec
+        self.comp: Compensation | None = None
         self.seen_valid: torch.Tensor | None = None
         self._pending: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
@@ -106,6 +117,7 @@ class CompressedLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.seen = 0
         self.blocks, self.window, self._pending = [], None, None
+        self.low, self.comp = [], None
         self.seen_valid = None
         self.is_initialized = False
 
@@ -138,12 +150,18 @@ class CompressedLayer(CacheLayerMixin):
         idx = idx.to(self.device).long()
         for seg in self.segments():
             seg.index_rows(idx)
+        if self.comp is not None:
+            self.comp.index_rows(idx)
         assert self.seen_valid is not None
         self.seen_valid = self.seen_valid.index_select(0, idx)
         self.batch = idx.numel()
 
     # -- bookkeeping -------------------------------------------------------------------------
     def segments(self) -> list[Segment]:
+        """Every slot run: low-precision runs, packed blocks, then the window."""
+        return self.low + self._main()
+
+    def _main(self) -> list[Segment]:
         return self.blocks + ([self.window] if self.window is not None and self.window.size else [])
 
     def slots(self) -> int:
@@ -195,6 +213,8 @@ class CompressedLayer(CacheLayerMixin):
                 allowed, skip = self._mask(seg, qcols[r0:r1], pad2d)
                 if not skip:
                     state.update(k, v, allowed, r0, r1)
+        if self.comp is not None:
+            self.comp.attend(state, qcols)
         out = state.result().to(query.dtype).transpose(1, 2).contiguous()
 
         mass = None
@@ -273,7 +293,8 @@ class CompressedLayer(CacheLayerMixin):
             a = 0
             for seg in old:
                 piece = mass[..., a : a + seg.size]
-                seg.acc = piece.clone() if seg.acc is None else seg.acc + piece
+                if seg.codec is None:  # low runs keep no scores: a demotion is final
+                    seg.acc = piece.clone() if seg.acc is None else seg.acc + piece
                 a += seg.size
             new.acc = mass[..., a:].contiguous()
         elif self.policy is not None and self.policy.accumulate:
@@ -298,32 +319,55 @@ class CompressedLayer(CacheLayerMixin):
         segs = self.segments()
         positions = torch.cat([s.full_pos(self.batch, self.heads) for s in segs], dim=-1).long()
         if self.policy.accumulate:
-            scores = torch.cat([s.acc for s in segs], dim=-1)  # type: ignore[misc]
+            zero = torch.zeros(self.batch, self.heads, 1, device=self.device)
+            accs = [zero.expand(-1, -1, s.size) if s.acc is None else s.acc for s in segs]
+            scores = torch.cat(accs, dim=-1)
         else:
             scores = mass
         if scores is not None:
             scores = scores.masked_fill(positions < 0, 0.0)
-        view = LayerView(self.layer_idx, positions, scores, self.seen_valid, nq)
+        low = low_slots(self.low, positions.shape[-1], self.batch, self.heads)
+        view = LayerView(self.layer_idx, positions, scores, self.seen_valid, nq, low)
         decision = self.policy.on_prefill(view) if nq > 1 else self.policy.on_decode(view)
         if decision is None:
             return False
         self._check(decision, positions.shape)
+        if decision.compensate:
+            if self.comp is None:
+                assert self.window is not None and self.window.k is not None and self.window.v is not None
+                dk, dv = self.window.k.shape[-1], self.window.v.shape[-1]
+                self.comp = Compensation.empty(self.batch, self.heads, dk, dv, self.device)
+            self.comp.fold(segs, view.live & ~decision.keep, self.codec, self.batch, self.heads)
         changed, a = False, 0
         for seg in segs:
             changed |= seg.tombstone(decision.keep[..., a : a + seg.size])
             a += seg.size
+        if decision.low_precision is not None:
+            n_low = sum(s.size for s in self.low)
+            marks = decision.low_precision[..., n_low:] & decision.keep[..., n_low:]
+            assert self.low_codec is not None  # _check
+            main, block = self._main(), self.config.block
+            runs = demote(main, marks, self.codec, self.low_codec, block, self.batch, self.heads)
+            self.low.extend(runs)
+            changed |= bool(runs)
         return changed
 
     def _check(self, decision: Decision, shape: torch.Size) -> None:
-        if decision.low_precision is not None:
-            raise InputError(f"{self.policy}: low-precision decisions are not served by CompressedCache yet")
-        if decision.keep.shape != shape or decision.keep.dtype != torch.bool:
-            raise InputError(f"{self.policy}: keep must be a bool mask of shape {tuple(shape)}")
+        for name in ("keep", "low_precision"):
+            mask = getattr(decision, name)
+            if mask is not None and (mask.shape != shape or mask.dtype != torch.bool):
+                raise InputError(f"{self.policy}: {name} must be a bool mask of shape {tuple(shape)}")
+        if decision.low_precision is not None and self.low_codec is None:
+            raise InputError(
+                f"{self.policy}: asks for low-precision slots but the cache has no low codec; "
+                "precision policies name one with low=<codec spec>"
+            )
 
     def _reclaim(self) -> None:
         """Drop packed blocks left empty, and compact once enough empty slots are shared."""
         self.blocks = [b for b in self.blocks if b.hi >= 0]
-        segs = self.segments()
+        self.low = [b for b in self.low if b.hi >= 0]
+        segs = self._main()
         n = sum(s.size for s in segs)
         if reclaimable(segs, self.batch, self.heads) >= max(self.config.block, n // 8):
             self.blocks, self.window = compact(

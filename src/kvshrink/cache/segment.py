@@ -42,7 +42,8 @@ class Segment:
     ``pos``: ``[B|1, Hkv|1, T]`` int32 columns, ``-1`` = empty. ``acc``: ``[B, Hkv, T]`` float32
     accumulated attention (accumulating policies only). ``lo``/``hi``: bounds of the live
     columns, used to skip or leave unmasked whole chunks. ``full``: no empty slot. ``c0``: when
-    slot ``i`` holds column ``c0 + i`` (no eviction happened), else None.
+    slot ``i`` holds column ``c0 + i`` (no eviction happened), else None. ``codec``: set when
+    the segment is packed with another codec than its layer's (low-precision runs).
     """
 
     pos: torch.Tensor
@@ -55,6 +56,7 @@ class Segment:
     values: list[Packed] | None = None
     k: torch.Tensor | None = None  # [B, Hkv, T, D] model dtype
     v: torch.Tensor | None = None
+    codec: Codec | None = None
 
     @property
     def size(self) -> int:
@@ -69,6 +71,7 @@ class Segment:
         if self.k is not None and self.v is not None:
             return self.k.float(), self.v.float()
         assert self.keys is not None and self.values is not None
+        codec = self.codec if self.codec is not None else codec
         return _decode_rows(codec, self.keys), _decode_rows(codec, self.values)
 
     def full_pos(self, b: int, h: int) -> torch.Tensor:

@@ -3,7 +3,17 @@
 Importing this package registers every policy. ``make_policy("snapkv:ratio=0.75")`` builds one.
 """
 
-from . import h2o, snapkv, streaming  # noqa: F401  (registration side effects)
+from . import h2o, mikv, razor, snapkv, streaming, zipcache  # noqa: F401  (registration side effects)
 from .base import POLICIES, Decision, LayerView, Policy, PolicyConfig, make_policy, register_policy
+from .precision import PrecisionConfig
 
-__all__ = ["POLICIES", "Decision", "LayerView", "Policy", "PolicyConfig", "make_policy", "register_policy"]
+__all__ = [
+    "POLICIES",
+    "Decision",
+    "LayerView",
+    "Policy",
+    "PolicyConfig",
+    "PrecisionConfig",
+    "make_policy",
+    "register_policy",
+]

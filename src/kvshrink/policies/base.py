@@ -12,11 +12,13 @@ where ``n`` counts the non-padding tokens the sequence has seen (evicted ones in
 prompt alone and the same prompt inside a left-padded batch keep the same tokens.
 
 Hooks: :meth:`Policy.on_prefill` runs after a forward that wrote several tokens (a prompt or a
-prompt chunk), :meth:`Policy.on_decode` after each single-token step. Room is left for two
-later kinds of policy: precision policies (MiKV: keep a token but store it at low precision)
-answer with ``Decision.low_precision``; query-aware page selection with recall (Quest,
-ArkVale) needs a read-time hook that picks blocks per query, which the cache would call
-before attention; neither is served yet and the cache rejects a decision that asks for it.
+prompt chunk), :meth:`Policy.on_decode` after each single-token step. Precision policies
+(MiKV, ZipCache) keep a token but mark it ``Decision.low_precision``: the cache re-stores it
+with a second, lower-rate codec (:mod:`kvshrink.cache.precision`), and a demotion is final.
+Merging policies (RazorAttention) set ``Decision.compensate``: the slots they drop are folded
+into one averaged entry per KV head that attention counts with its multiplicity.
+Query-aware page selection with recall (Quest, ArkVale) needs a read-time hook that picks
+blocks per query, which the cache would call before attention.
 """
 
 from __future__ import annotations
@@ -81,6 +83,9 @@ class LayerView:
     heads of each KV group; 0 at empty slots; ``None`` when the policy asked for none.
     ``seen_valid``: ``[B]`` int64, non-padding tokens the sequence has seen, evicted included.
     ``n_new``: how many trailing slots this forward wrote.
+    ``low``: ``[B, Hkv, N]`` bool, slots already held at low precision (final: precision is
+    never raised back); ``None`` when the layer holds none. Low slots may come before older
+    full-precision ones, so rank tokens by ``positions`` where age matters.
     """
 
     layer_idx: int
@@ -88,6 +93,7 @@ class LayerView:
     scores: torch.Tensor | None
     seen_valid: torch.Tensor
     n_new: int
+    low: torch.Tensor | None = None
 
     @property
     def live(self) -> torch.Tensor:
@@ -99,12 +105,15 @@ class LayerView:
 class Decision:
     """What a layer keeps: ``keep`` is a ``[B, Hkv, N]`` bool mask over the view's slots.
 
-    ``low_precision`` (same shape) is reserved for precision policies (MiKV); the cache does
-    not serve it yet and raises if it is set.
+    ``low_precision`` (same shape): kept slots to hold with the cache's low-precision codec
+    (MiKV, ZipCache); slots already low stay low whatever it says. ``compensate``: fold the
+    dropped slots of each KV head into its compensation entry, a running mean of their keys
+    and values attended with multiplicity ``|D|`` (RazorAttention), instead of losing them.
     """
 
     keep: torch.Tensor
     low_precision: torch.Tensor | None = None
+    compensate: bool = False
 
 
 class Policy(Configured, ABC):
