@@ -62,12 +62,15 @@ def test_decode_waits_for_lag_tokens_over_budget() -> None:
     assert int((~d.low_precision).sum(-1).max()) == 10
 
 
-def test_zipcache_normalizes_by_the_queries_that_saw_a_token() -> None:
+def test_zipcache_normalizes_by_the_probes_that_saw_a_token() -> None:
     n = 20
-    # every query gives each visible token the same mass: the sum favours old tokens, the mean not
+    assert make_policy("zipcache:budget=2").observed_queries(n) == 1  # the last 5%, at least one
+    assert make_policy("zipcache:budget=2,probe=0.25").observed_queries(n) == 5
+    # with every query a probe, each gives each visible token the same mass: the sum favours
+    # old tokens, the mean does not
     s = torch.tensor([float(n - j) for j in range(n)]).expand(2, 2, n).clone()
     s[:, :, 15] *= 3.0  # a late token that drew three times the mass per query
-    d = make_policy("zipcache:budget=2").on_prefill(view(n, s))
+    d = make_policy("zipcache:budget=2,probe=1").on_prefill(view(n, s))
     assert d is not None and d.low_precision is not None
     assert 15 in positions(~d.low_precision)
     h = make_policy("mikv:budget=2,recent=0").on_prefill(view(n, s))
@@ -115,6 +118,7 @@ def test_pick_heads_takes_top_shares_of_each_score() -> None:
         ("mikv:ratio=0.5,low=int4+int8", "empty stage|one codec stage"),
         ("zipcache:ratio=0.5,low=Int4!", "bad method name"),
         ("zipcache", "exactly one of ratio"),
+        ("zipcache:ratio=0.5,probe=0", "probe"),
         ("razor:budget=8,heads=3-0", "layer:kv_head"),
         ("razor:budget=8,induction=2", "induction"),
         ("razor:budget=4,sinks=4", "must exceed sinks"),

@@ -346,8 +346,8 @@ class CompressedLayer(CacheLayerMixin):
             n_low = sum(s.size for s in self.low)
             marks = decision.low_precision[..., n_low:] & decision.keep[..., n_low:]
             assert self.low_codec is not None  # _check
-            main, block = self._main(), self.config.block
-            runs = demote(main, marks, self.codec, self.low_codec, block, self.batch, self.heads)
+            main, size = self._main(), self.config.chunk  # a run is read whole: at most a chunk
+            runs = demote(main, marks, self.codec, self.low_codec, size, self.batch, self.heads)
             self.low.extend(runs)
             changed |= bool(runs)
         return changed

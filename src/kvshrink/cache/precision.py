@@ -31,13 +31,15 @@ __all__ = ["demote", "low_slots"]
 
 
 def demote(
-    segments: list[Segment], low: torch.Tensor, main: Codec, codec: Codec, block: int, b: int, h: int
+    segments: list[Segment], low: torch.Tensor, main: Codec, codec: Codec, size: int, b: int, h: int
 ) -> list[Segment]:
     """Move the live slots marked in ``low`` ``[B, Hkv, N]`` into runs packed with ``codec``.
 
     ``segments``: the layer's main segments, in the order ``low`` covers them (low runs
     excluded); marked slots are emptied there. Source values come from ``seg.dense(main)``,
-    one touched segment at a time. Returns the new runs, ``block`` slots each at most.
+    one touched segment at a time. Returns the new runs, ``size`` slots each at most: the
+    cache's read chunk, since attention decodes a packed run whole (one encode per run, not
+    per block: a prompt's demotions are one run).
     """
     if not segments:
         return []
@@ -77,8 +79,8 @@ def demote(
         k_out = torch.where(none, k_out.flatten(0, 1)[donor, 0], k_out)
         v_out = torch.where(none, v_out.flatten(0, 1)[donor, 0], v_out)
     runs = []
-    for a in range(0, total, block):
-        z = min(total, a + block)
+    for a in range(0, total, size):
+        z = min(total, a + size)
         p = pos[..., a:z].contiguous()
         lo, hi, full = bounds(p)
         dense = Segment(pos=p, lo=lo, hi=hi, full=full, k=k_out[:, :, a:z], v=v_out[:, :, a:z])

@@ -93,7 +93,7 @@ class ImportancePrecision(Policy):
         keep = self.kept_per_row(view)
         if not bool((high.sum(-1) > keep[:, None] + slack).any()):
             return None
-        assert view.scores is not None  # accumulate=True: the cache always provides them
+        assert view.scores is not None  # observed_queries() >= 1: the cache provides them
         stay = select(self.importance(view), high, keep, self.protected(view, keep, high))
         return Decision(keep=live, low_precision=live & ~stay)
 
