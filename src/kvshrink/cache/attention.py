@@ -94,7 +94,13 @@ class OnlineSoftmax:
         self._logits: list[torch.Tensor] = []
 
     def _scores(
-        self, k: torch.Tensor, allowed: torch.Tensor | None, r0: int, r1: int, rotated: bool = False
+        self,
+        k: torch.Tensor,
+        allowed: torch.Tensor | None,
+        r0: int,
+        r1: int,
+        rotated: bool = False,
+        bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, hk, g, nq = self.shape
         r = r1 - r0
@@ -108,6 +114,8 @@ class OnlineSoftmax:
             s = torch.matmul(qt.reshape(b, hk, g * r, -1), k.transpose(-1, -2)).view(b, hk, g, r, -1)
         else:  # codes scored by table lookup (cache.lut), always in the rotated basis
             s = k.scores(qt.reshape(b, hk, g * r, -1)).view(b, hk, g, r, -1)
+        if bias is not None:
+            s = s + bias[:, :, None, None, :]
         if allowed is not None:
             s.masked_fill_(~allowed[:, :, None], -math.inf)
         return s
@@ -120,16 +128,21 @@ class OnlineSoftmax:
         r0: int,
         r1: int,
         rotated: bool = False,
+        bias: torch.Tensor | None = None,
+        observed: bool = True,
     ) -> None:
         """Fold keys ``k``/values ``v`` ``[B, Hkv, T, *]`` into rows ``[r0, r1)``.
 
         ``allowed``: ``[B|1, Hkv|1, r1 - r0, T]`` bool, or None when every pair may attend.
         ``rotated``: ``k``/``v`` are in the basis of ``basis`` (see ``__init__``).
+        ``bias``: ``[B|1, Hkv|1, T]`` float32 added to the logits: ``log m`` makes a key count
+        as ``m`` identical keys (a merged entry standing for ``m`` tokens). ``observed=False``:
+        keys that are no slot of the layer (a compensation entry), left out of captured masses.
         """
         b, hk, g, nq = self.shape
         r = r1 - r0
-        s = self._scores(k, allowed, r0, r1, rotated)  # [B, Hkv, g, r, T]
-        if self.capture:
+        s = self._scores(k, allowed, r0, r1, rotated, bias)  # [B, Hkv, g, r, T]
+        if self.capture and observed:
             self._logits.append(s)
         whole = (r0, r1) == (0, nq)
         m_old = self.m if whole else self.m[..., r0:r1]

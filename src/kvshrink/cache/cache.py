@@ -8,10 +8,12 @@ Each layer keeps the newest ``window`` tokens in full precision and packs older 
 ``block`` at a time with the spec's codec; the ``kvshrink`` attention function (installed on
 the model by the constructor, see :mod:`~kvshrink.cache.install`) decodes packed blocks chunk
 by chunk inside an online softmax, so ``update`` never returns the dense history. An optional
-policy (StreamingLLM, SnapKV, H2O) evicts per KV head before tokens are packed or, later,
-empties packed slots that compaction gives back; a page policy (Quest, ArkVale) instead picks
-the packed pages each later forward reads, and ArkVale keeps only a budget of them resident,
-the rest in a host backup (``memory_report()`` counts ``resident`` and ``total`` bytes).
+policy (StreamingLLM, SnapKV, H2O, RazorAttention, ...) evicts per KV head before tokens are
+packed or, later, empties packed slots that compaction gives back; a precision policy (MiKV,
+ZipCache) moves tokens to runs packed with its low codec instead; a page policy (Quest,
+ArkVale) picks the packed pages each later forward reads, and ArkVale keeps only a budget of
+them resident, the rest in a host backup (``memory_report()`` counts ``resident`` and
+``total`` bytes).
 
 ``get_seq_length()`` counts every token the sequence has seen, evicted ones included, so
 ``generate`` keeps assigning true position ids and cache positions however few tokens a layer
@@ -31,6 +33,7 @@ from transformers.cache_utils import Cache
 
 from ..core.errors import ModelError
 from .config import CacheSpec, parse_cache_spec
+from .heads import bind_heads
 from .install import ATTENTION, announce, install, layer_windows, uninstall
 from .layer import CompressedLayer
 
@@ -148,17 +151,30 @@ class CompressedCache(Cache):
         parsed = parse_cache_spec(spec, **cache_options)
         config = install(model)
         codec = parsed.build_codec()
+        low_codec = parsed.build_low_codec()
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        codec.check_dim(head_dim)
+        for c in (codec, low_codec):
+            if c is not None:
+                c.check_dim(head_dim)
         policy = parsed.build_policy()
+        bind_heads(policy, model)
         windows = layer_windows(config)
         layers = [
-            CompressedLayer(i, codec, policy if window is None else None, parsed.cache, window, len(windows))
+            CompressedLayer(
+                i,
+                codec,
+                policy if window is None else None,
+                parsed.cache,
+                window,
+                n_layers=len(windows),
+                low_codec=low_codec,
+            )
             for i, window in enumerate(windows)
         ]
         super().__init__(layers=layers)  # type: ignore[arg-type]
         self.parsed: CacheSpec = parsed
         self.codec = codec
+        self.low_codec = low_codec
         self.policy = policy
         self.head_dim = head_dim
         self._config = config
@@ -191,7 +207,7 @@ class CompressedCache(Cache):
             uninstall(model)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> CompressedCache:
-        for shared in (self.codec, self.policy, self._config, self.parsed):
+        for shared in (self.codec, self.low_codec, self.policy, self._config, self.parsed):
             memo[id(shared)] = shared
         new = type(self).__new__(type(self))
         memo[id(self)] = new
@@ -213,6 +229,9 @@ class CompressedCache(Cache):
                 packed, dense, meta = packed + p, dense + d, meta + m
                 if layer.is_initialized:
                     live += float((seg.full_pos(layer.batch, layer.heads) >= 0).sum(-1).float().mean())
+            if layer.comp is not None:
+                d, m = layer.comp.nbytes()
+                dense, meta = dense + d, meta + m
             baseline = (
                 layer.seen if layer.sliding_window is None else min(layer.seen, layer.sliding_window - 1)
             )
@@ -244,7 +263,10 @@ class CompressedCache(Cache):
                     resident_live,
                 )
             )
-        return MemoryReport(self.spec, tuple(rows), self.codec.shared_nbytes(self.head_dim))
+        shared = self.codec.shared_nbytes(self.head_dim)
+        if self.low_codec is not None:
+            shared += self.low_codec.shared_nbytes(self.head_dim)
+        return MemoryReport(self.spec, tuple(rows), shared)
 
     def nbytes(self) -> int:
         """Total bytes held anywhere (a host backup included), shared codec state counted once;

@@ -9,7 +9,12 @@ Grammar (stages are the ``core.spec`` stages; order is free, the canonical form 
     cache      := 'cache' (':' window=N, block=N, chunk=N)
 
 Examples: ``int4``, ``kivi:b=2``, ``snapkv:ratio=0.75+fp16``,
-``streamingllm:sinks=4,budget=256+int4+cache:window=64``. ``str(CacheSpec)`` prints
+``streamingllm:sinks=4,budget=256+int4+cache:window=64``,
+``mikv:ratio=0.75,low=[fibquant:b=1,k=8]+fibquant:b=2``.
+
+A precision policy (``mikv``, ``zipcache``) names a second codec in its ``low`` option; it is
+resolved here like the main codec (same registry, same fp16-range rule), printed back in its
+canonical form, and must differ from the main codec. ``str(CacheSpec)`` prints
 ``policy+codec[+cache]`` with the cache stage only when it differs from the defaults. Page
 policies (``quest``, ``arkvale``) change those defaults: ``block`` is their ``page`` (another
 explicit block raises) and ``window`` is 0 unless given.
@@ -30,7 +35,7 @@ from typing import Any, ClassVar
 from ..codecs import CODECS, Codec, CodecConfig, make_codec
 from ..core.errors import SpecError
 from ..core.spec import SpecConfig, build_config, format_config, nearest, parse_stage, split_stages
-from ..policies import POLICIES, Policy, PolicyConfig
+from ..policies import POLICIES, Policy, PolicyConfig, PrecisionConfig
 from ..policies.paged import PagePolicyConfig
 
 __all__ = ["CacheConfig", "CacheSpec", "parse_cache_spec"]
@@ -73,6 +78,7 @@ class CacheSpec:
     codec: CodecConfig
     policy: PolicyConfig | None = None
     cache: CacheConfig = CacheConfig()
+    low: CodecConfig | None = None  # a precision policy's low codec
 
     def __str__(self) -> str:
         parts = [str(self.policy)] if self.policy is not None else []
@@ -89,9 +95,11 @@ class CacheSpec:
 
     def build_codec(self) -> Codec:
         """The codec used for packed blocks (its own residual window, if any, set to 0)."""
-        names = {f.name for f in dataclasses.fields(self.codec)}
-        zeroed = {n: 0 for n in _FP16_RANGES if n in names}
-        return make_codec(str(dataclasses.replace(self.codec, **zeroed)))
+        return _in_cache(self.codec)
+
+    def build_low_codec(self) -> Codec | None:
+        """The codec of low-precision runs, when the policy is a precision policy."""
+        return None if self.low is None else _in_cache(self.low)
 
     def build_policy(self) -> Policy | None:
         return None if self.policy is None else POLICIES.build(str(self.policy))
@@ -130,16 +138,26 @@ def parse_cache_spec(spec: str, **cache_options: Any) -> CacheSpec:
             )
     if codec is None:
         raise SpecError(f"{spec!r} has no codec stage; add one, e.g. '{spec}+int4' (or '+fp16' for none)")
-    for name in _FP16_RANGES:
-        value = getattr(codec, name, None)
-        if value not in (None, 0, _default(codec, name)):
+    low = None
+    if isinstance(policy, PrecisionConfig):
+        low = CODECS.config(policy.low)
+        if low == codec:
             raise SpecError(
-                f"{codec.name}: {name}={value} would keep fp16 tokens in every packed block of CompressedCache; "
-                "use cache:window=N for the full-precision window (and streamingllm for sinks)"
+                f"{policy.name}: low={low} is the main codec, so demoting would save nothing; "
+                "give a lower-rate codec, e.g. low=[fibquant:b=1,k=8]"
             )
-    if getattr(codec, "prerope", False):
+        policy = dataclasses.replace(policy, low=str(low))
+    for cfg in (c for c in (codec, low) if c is not None):
+        for name in _FP16_RANGES:
+            value = getattr(cfg, name, None)
+            if value not in (None, 0, _default(cfg, name)):
+                raise SpecError(
+                    f"{cfg.name}: {name}={value} would keep fp16 tokens in every packed block of "
+                    "CompressedCache; use cache:window=N for the full-precision window (and streamingllm for sinks)"
+                )
+    for cfg in (c for c in (codec, low) if c is not None and getattr(c, "prerope", False)):
         raise SpecError(
-            f"{codec.name}: prerope=1 is served by the frontier harness only; CompressedCache codes the keys "
+            f"{cfg.name}: prerope=1 is served by the frontier harness only; CompressedCache codes the keys "
             "it is given, after RoPE, so drop prerope=1 from cache specs"
         )
     cache = cache or CacheConfig()
@@ -151,7 +169,14 @@ def parse_cache_spec(spec: str, **cache_options: Any) -> CacheSpec:
         cache = dataclasses.replace(cache, **cache_options)
         explicit |= set(cache_options)
     cache = _aligned(policy, cache, explicit)
-    return CacheSpec(codec=codec, policy=policy, cache=cache)
+    return CacheSpec(codec=codec, policy=policy, cache=cache, low=low)
+
+
+def _in_cache(config: CodecConfig) -> Codec:
+    """Build a codec with its fp16 token ranges set to 0 (the cache window plays that role)."""
+    names = {f.name for f in dataclasses.fields(config)}
+    zeroed = {n: 0 for n in _FP16_RANGES if n in names}
+    return make_codec(str(dataclasses.replace(config, **zeroed)))
 
 
 def _aligned(policy: PolicyConfig | None, cache: CacheConfig, explicit: set[str]) -> CacheConfig:

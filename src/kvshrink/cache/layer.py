@@ -7,6 +7,10 @@ softmax (never the whole layer in full precision), and only afterwards commits t
 policy scores are added, the policy decides, expired or evicted slots are given back, and the
 window flushes its oldest ``block`` tokens into a packed block (quantize on write).
 
+A precision policy's demoted tokens move to runs packed with the low codec
+(:mod:`.precision`), kept in ``low`` ahead of the main blocks; a merging policy's dropped tokens
+fold into one compensation entry per KV head (:mod:`.compensation`). Neither is ever compacted.
+
 Masks come from this layer's own per-slot positions (columns of the 2-D attention mask), so a
 layer holding fewer tokens than layer 0 (eviction, sliding window) is masked correctly; the
 2-D mask is honoured for padding, both when a token is written and when it is read.
@@ -24,9 +28,11 @@ from ..core.errors import InputError
 from ..policies import UNIFORM, Decision, LayerView, Observation, Policy
 from .attention import OnlineSoftmax, allowed_mask, attend_own_tokens
 from .compact import compact, reclaimable
+from .compensation import Compensation
 from .config import CacheConfig
 from .lut import LUT_MAX_ROWS, lut_group
 from .pages import make_page_table, narrow
+from .precision import demote, low_slots
 from .segment import Segment, cat_dense, decode_packed_group, encode_segment
 
 __all__ = ["CompressedLayer"]
@@ -40,7 +46,8 @@ class CompressedLayer(CacheLayerMixin):
     ``sliding_window``: set for sliding-window layers (HF rule: a query at column ``q`` sees keys
     at columns ``> q - sliding_window``); such a layer drops blocks nobody can see any more and
     is never touched by the policy (it is already bounded). ``n_layers``: decoder layers of the
-    model, shown to the policy (per-layer budgets).
+    model, shown to the policy (per-layer budgets). ``low_codec``: packs the tokens a precision
+    policy demotes.
     """
 
     is_compileable = False
@@ -55,11 +62,13 @@ class CompressedLayer(CacheLayerMixin):
         config: CacheConfig,
         sliding_window: int | None = None,
         n_layers: int = 1,
+        low_codec: Codec | None = None,
     ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.n_layers = n_layers
         self.codec = codec
+        self.low_codec = low_codec
         self.policy = policy
         self.config = config
         self.sliding_window = sliding_window
@@ -69,6 +78,8 @@ class CompressedLayer(CacheLayerMixin):
         self.step = 0  # single-token forwards since the last multi-token one
         self.blocks: list[Segment] = []
         self.window: Segment | None = None
+        self.low: list[Segment] = []  # runs packed with low_codec
+        self.comp: Compensation | None = None
         self.seen_valid: torch.Tensor | None = None
         self._pending: tuple[torch.Tensor, torch.Tensor, int] | None = None
         self.pages = make_page_table(policy, layer_idx, codec, config.window)  # Quest/ArkVale pages
@@ -115,6 +126,7 @@ class CompressedLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.seen = self.step = 0
         self.blocks, self.window, self._pending = [], None, None
+        self.low, self.comp = [], None
         self.seen_valid = None
         self.is_initialized = False
         if self.pages is not None:
@@ -149,6 +161,8 @@ class CompressedLayer(CacheLayerMixin):
         idx = idx.to(self.device).long()
         for seg in self.segments():
             seg.index_rows(idx)
+        if self.comp is not None:
+            self.comp.index_rows(idx)
         assert self.seen_valid is not None
         self.seen_valid = self.seen_valid.index_select(0, idx)
         self.batch = idx.numel()
@@ -157,6 +171,10 @@ class CompressedLayer(CacheLayerMixin):
 
     # -- bookkeeping -------------------------------------------------------------------------
     def segments(self) -> list[Segment]:
+        """Every slot run: low-precision runs, packed blocks, then the window."""
+        return self.low + self._main()
+
+    def _main(self) -> list[Segment]:
         return self.blocks + ([self.window] if self.window is not None and self.window.size else [])
 
     def slots(self) -> int:
@@ -214,6 +232,8 @@ class CompressedLayer(CacheLayerMixin):
                     allowed, skip = narrow(allowed, skip, sel, r0, r1)
                 if not skip:
                     state.update(k, v, allowed, r0, r1, rot)
+        if self.comp is not None:
+            self.comp.attend(state, qcols)
         out = state.result().to(query.dtype).transpose(1, 2).contiguous()
 
         obs = self._observe(state, sources, qcols, n_obs, pad2d) if n_obs else None
@@ -318,12 +338,18 @@ class CompressedLayer(CacheLayerMixin):
         group: list[Segment] = []
         size = 0
         for seg in [*pieces, None]:  # type: ignore[list-item]
-            if group and (seg is None or size + seg.size > limit or seg.packed != group[0].packed):
-                codes = lut_group(self.codec, group) if lut and group[0].packed else None
+            if group and (
+                seg is None
+                or size + seg.size > limit
+                or seg.packed != group[0].packed
+                or seg.codec is not group[0].codec  # low-precision runs: another codec
+            ):
+                main = group[0].packed and group[0].codec is None  # low runs decode plainly
+                codes = lut_group(self.codec, group) if lut and main else None
                 if codes is not None:
                     yield codes[0], codes[1], self._meta(group), True
                 else:
-                    yield self._merge(group, rotated and group[0].packed)
+                    yield self._merge(group, rotated and main)
                 group, size = [], 0
             if seg is not None:
                 group.append(seg)
@@ -331,7 +357,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def _merge(self, group: list[Segment], rotated: bool) -> tuple[torch.Tensor, torch.Tensor, Segment, bool]:
         if group[0].packed:
-            k, v = decode_packed_group(self.codec, group, rotated)
+            k, v = decode_packed_group(group[0].codec or self.codec, group, rotated)
         else:
             dense = [s.dense(self.codec) for s in group]
             k = dense[0][0] if len(dense) == 1 else torch.cat([d[0] for d in dense], dim=2)
@@ -397,11 +423,17 @@ class CompressedLayer(CacheLayerMixin):
         view = LayerView(self.layer_idx, positions, None, self.seen_valid, nq, self.n_layers, None, self.step)
         state = None
         if self.policy.slot_floats:  # the policy folds this forward into the state kept per slot
-            state = torch.cat([s.acc for s in segs], dim=-1)  # type: ignore[misc]
+            k = self.policy.slot_floats
+            zeros = torch.zeros(k, self.batch, self.heads, 1, device=self.device)
+            # low runs keep no state (a demotion is final): zeros stand in for them
+            state = torch.cat(
+                [zeros.expand(-1, -1, -1, s.size) if s.acc is None else s.acc for s in segs], -1
+            )
             state = self.policy.update_state(replace(view, state=state), obs)
             a = 0
             for seg in segs:
-                seg.acc = state[..., a : a + seg.size]
+                if seg.codec is None:
+                    seg.acc = state[..., a : a + seg.size]
                 a += seg.size
         if self.policy.accumulate and state is not None:
             scores: torch.Tensor | None = state[0]
@@ -409,27 +441,48 @@ class CompressedLayer(CacheLayerMixin):
             scores = None if obs is None else obs.mass
         if scores is not None:
             scores = scores.masked_fill(positions < 0, 0.0)
-        view = replace(view, scores=scores, state=state)
+        low = low_slots(self.low, positions.shape[-1], self.batch, self.heads)
+        view = replace(view, scores=scores, state=state, low=low)
         decision = self.policy.on_prefill(view) if nq > 1 else self.policy.on_decode(view)
         if decision is None:
             return False
         self._check(decision, positions.shape)
+        if decision.compensate:
+            if self.comp is None:
+                assert self.window is not None and self.window.k is not None and self.window.v is not None
+                dk, dv = self.window.k.shape[-1], self.window.v.shape[-1]
+                self.comp = Compensation.empty(self.batch, self.heads, dk, dv, self.device)
+            self.comp.fold(segs, view.live & ~decision.keep, self.codec, self.batch, self.heads)
         changed, a = False, 0
         for seg in segs:
             changed |= seg.tombstone(decision.keep[..., a : a + seg.size])
             a += seg.size
+        if decision.low_precision is not None:
+            n_low = sum(s.size for s in self.low)
+            marks = decision.low_precision[..., n_low:] & decision.keep[..., n_low:]
+            assert self.low_codec is not None  # _check
+            main, size = self._main(), self.config.chunk  # a run is read whole: at most a chunk
+            runs = demote(main, marks, self.codec, self.low_codec, size, self.batch, self.heads)
+            self.low.extend(runs)
+            changed |= bool(runs)
         return changed
 
     def _check(self, decision: Decision, shape: torch.Size) -> None:
-        if decision.low_precision is not None:
-            raise InputError(f"{self.policy}: low-precision decisions are not served by CompressedCache yet")
-        if decision.keep.shape != shape or decision.keep.dtype != torch.bool:
-            raise InputError(f"{self.policy}: keep must be a bool mask of shape {tuple(shape)}")
+        for name in ("keep", "low_precision"):
+            mask = getattr(decision, name)
+            if mask is not None and (mask.shape != shape or mask.dtype != torch.bool):
+                raise InputError(f"{self.policy}: {name} must be a bool mask of shape {tuple(shape)}")
+        if decision.low_precision is not None and self.low_codec is None:
+            raise InputError(
+                f"{self.policy}: asks for low-precision slots but the cache has no low codec; "
+                "precision policies name one with low=<codec spec>"
+            )
 
     def _reclaim(self) -> None:
         """Drop packed blocks left empty, and compact once enough empty slots are shared."""
         self.blocks = [b for b in self.blocks if b.hi >= 0]
-        segs = self.segments()
+        self.low = [b for b in self.low if b.hi >= 0]
+        segs = self._main()
         n = sum(s.size for s in segs)
         if reclaimable(segs, self.batch, self.heads) >= max(self.config.block, n // 8):
             self.blocks, self.window = compact(

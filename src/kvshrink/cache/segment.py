@@ -43,7 +43,8 @@ class Segment:
     float32 per-slot policy state (H2O's accumulated attention, A2SF's decayed sum, ...; policies
     with state only), kept here so it moves, is copied and is evicted with its slot. ``lo``/``hi``: bounds of the live
     columns, used to skip or leave unmasked whole chunks. ``full``: no empty slot. ``c0``: when
-    slot ``i`` holds column ``c0 + i`` (no eviction happened), else None.
+    slot ``i`` holds column ``c0 + i`` (no eviction happened), else None. ``codec``: set when
+    the segment is packed with another codec than its layer's (low-precision runs).
     """
 
     pos: torch.Tensor
@@ -56,6 +57,7 @@ class Segment:
     values: list[Packed] | None = None
     k: torch.Tensor | None = None  # [B, Hkv, T, D] model dtype
     v: torch.Tensor | None = None
+    codec: Codec | None = None
 
     @property
     def size(self) -> int:
@@ -70,6 +72,7 @@ class Segment:
         if self.k is not None and self.v is not None:
             return self.k.float(), self.v.float()
         assert self.keys is not None and self.values is not None
+        codec = self.codec if self.codec is not None else codec
         return _decode_rows(codec, self.keys), _decode_rows(codec, self.values)
 
     def full_pos(self, b: int, h: int) -> torch.Tensor:

@@ -7,6 +7,11 @@ keys all agree)::
     spec   := stage ('+' stage)*
     stage  := NAME (':' option (',' option)*)?
     option := KEY '=' VALUE
+    VALUE  := text without ',' | '[' text ']'
+
+A bracketed value may hold commas: it is how an option names a whole stage of another registry,
+e.g. ``mikv:ratio=0.75,low=[fibquant:b=1,k=8]`` (a value without commas needs no brackets:
+``low=kivi:b=2``). Brackets do not nest, and a value never holds '+' or ';'.
 
 A stage maps to a frozen config dataclass. ``str(config)`` prints the canonical stage back: the
 always-shown options first, then every option that differs from its default, in field order.
@@ -74,9 +79,9 @@ def parse_stage(text: str) -> Stage:
     options: list[tuple[str, str]] = []
     seen: set[str] = set()
     if rest.strip():
-        for item in rest.split(","):
+        for item in _split_options(rest, text):
             key, eq, value = item.partition("=")
-            key, value = key.strip(), value.strip()
+            key, value = key.strip(), _unbracket(value.strip(), text)
             if not eq or not _KEY.match(key) or not value:
                 raise SpecError(f"bad option {item.strip()!r} in {text!r}: expected key=value")
             if key in seen:
@@ -86,6 +91,35 @@ def parse_stage(text: str) -> Stage:
     elif _:
         raise SpecError(f"empty option list after ':' in {text!r}")
     return Stage(name, tuple(options))
+
+
+def _split_options(rest: str, text: str) -> list[str]:
+    """Split an option list at the commas outside ``[...]``."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(rest):
+        if ch == "[":
+            if depth:
+                raise SpecError(f"nested '[' in {text!r}: a bracketed value holds one stage")
+            depth = 1
+        elif ch == "]":
+            if not depth:
+                raise SpecError(f"unmatched ']' in {text!r}")
+            depth = 0
+        elif ch == "," and not depth:
+            items.append(rest[start:i])
+            start = i + 1
+    if depth:
+        raise SpecError(f"unclosed '[' in {text!r}: expected e.g. low=[fibquant:b=1,k=8]")
+    items.append(rest[start:])
+    return items
+
+
+def _unbracket(value: str, text: str) -> str:
+    if value.startswith("[") and value.endswith("]"):
+        return value[1:-1].strip()
+    if "[" in value or "]" in value:
+        raise SpecError(f"bad value {value!r} in {text!r}: brackets must enclose the whole value")
+    return value
 
 
 def nearest(word: str, choices: typing.Iterable[str], n: int = 3) -> list[str]:
@@ -134,6 +168,8 @@ def _fmt_value(value: Any) -> str:
         if math.isfinite(value) and value == int(value) and abs(value) < 1e15:
             return str(int(value))
         return repr(value)
+    if isinstance(value, str) and "," in value:
+        return f"[{value}]"
     return str(value)
 
 

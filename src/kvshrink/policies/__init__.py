@@ -8,11 +8,14 @@ from . import (  # noqa: F401  (registration side effects)
     arkvale,
     h2o,
     lazyeviction,
+    mikv,
     pyramidkv,
     quest,
+    razor,
     scissorhands,
     snapkv,
     streaming,
+    zipcache,
 )
 from .base import (
     POLICIES,
@@ -25,6 +28,7 @@ from .base import (
     make_policy,
     register_policy,
 )
+from .precision import PrecisionConfig
 
 __all__ = [
     "POLICIES",
@@ -34,6 +38,7 @@ __all__ = [
     "Observation",
     "Policy",
     "PolicyConfig",
+    "PrecisionConfig",
     "make_policy",
     "register_policy",
 ]

@@ -15,9 +15,11 @@ where ``n`` counts the non-padding tokens the sequence has seen (evicted ones in
 prompt alone and the same prompt inside a left-padded batch keep the same tokens.
 
 Hooks: :meth:`Policy.on_prefill` runs after a forward that wrote several tokens (a prompt or a
-prompt chunk), :meth:`Policy.on_decode` after each single-token step. Room is left for two
-later kinds of policy: precision policies (MiKV: keep a token but store it at low precision)
-answer with ``Decision.low_precision``, not served yet (the cache rejects such a decision).
+prompt chunk), :meth:`Policy.on_decode` after each single-token step. Precision policies
+(MiKV, ZipCache) keep a token but mark it ``Decision.low_precision``: the cache re-stores it
+with a second, lower-rate codec (:mod:`kvshrink.cache.precision`), and a demotion is final.
+Merging policies (RazorAttention) set ``Decision.compensate``: the slots they drop are folded
+into one averaged entry per KV head that attention counts with its multiplicity.
 Query-aware page selection with recall (Quest, ArkVale) is a different kind of policy, served
 by a read-time hook: see :mod:`.paged` and :mod:`kvshrink.cache.pages`.
 """
@@ -91,6 +93,9 @@ class LayerView:
     updated with this forward's observation; ``None`` for a policy without state.
     ``step``: single-token forwards since the last multi-token one (1 at the first decode step),
     for policies that act every ``W`` steps.
+    ``low``: ``[B, Hkv, N]`` bool, slots already held at low precision (final: precision is
+    never raised back); ``None`` when the layer holds none. Low slots may come before older
+    full-precision ones, so rank tokens by ``positions`` where age matters.
     """
 
     layer_idx: int
@@ -101,6 +106,7 @@ class LayerView:
     n_layers: int = 1
     state: torch.Tensor | None = None
     step: int = 0
+    low: torch.Tensor | None = None
 
     @property
     def live(self) -> torch.Tensor:
@@ -132,12 +138,15 @@ class Observation:
 class Decision:
     """What a layer keeps: ``keep`` is a ``[B, Hkv, N]`` bool mask over the view's slots.
 
-    ``low_precision`` (same shape) is reserved for precision policies (MiKV); the cache does
-    not serve it yet and raises if it is set.
+    ``low_precision`` (same shape): kept slots to hold with the cache's low-precision codec
+    (MiKV, ZipCache); slots already low stay low whatever it says. ``compensate``: fold the
+    dropped slots of each KV head into its compensation entry, a running mean of their keys
+    and values attended with multiplicity ``|D|`` (RazorAttention), instead of losing them.
     """
 
     keep: torch.Tensor
     low_precision: torch.Tensor | None = None
+    compensate: bool = False
 
 
 class Policy(Configured, ABC):
