@@ -183,6 +183,6 @@ def test_missing_kvpress_is_a_model_error(monkeypatch) -> None:
 def test_summary_standard_error(tiny, hay) -> None:
     model, tok = tiny
     data = run_longbench(
-        model, tok, ["none"], LongbenchConfig(("niah_single:max_new_tokens=2",), (128,), 1), hay
+        model, tok, ["none"], LongbenchConfig(("niah_single:max_new_tokens=2",), (256,), 1), hay
     )
     assert math.isnan(data["rows"][0]["accuracy_se"])  # one case: no spread to report

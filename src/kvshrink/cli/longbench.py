@@ -33,7 +33,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="results", help="output folder for longbench.{json,md,png}")
     p.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way)")
     p.add_argument("--replies", action="store_true", help="keep every reply and its scores in the JSON")
-    p.add_argument("--quick", action="store_true", help="smaller run: under 3 minutes on 2 CPU cores")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small run: niah_single + 2-turn multiturn, 512 tokens, 2 cases, none;kivi:b=2",
+    )
     p.set_defaults(func=run)
 
 

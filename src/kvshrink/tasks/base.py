@@ -63,10 +63,14 @@ class Case:
 
 @dataclass(frozen=True)
 class TaskConfig(SpecConfig):
-    """Base of task configs; ``max_new_tokens`` bounds each reply (greedy, stops at EOS)."""
+    """Base of task configs; ``max_new_tokens`` bounds each reply (greedy, stops at EOS).
+
+    16 covers a 7-digit answer after its answer prefix (9 tokens and EOS) with room to spare;
+    a compressed cache that lost the needle rambles until the bound, so it sets the cost.
+    """
 
     name: ClassVar[str] = ""
-    max_new_tokens: int = 24
+    max_new_tokens: int = 16
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
