@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from . import frontier
+from . import frontier, longbench
 from .common import Parser, fail
 
 __all__ = ["main"]
 
-COMMANDS = (frontier,)
+COMMANDS = (frontier, longbench)
 
 
 def main(argv: list[str] | None = None) -> int:

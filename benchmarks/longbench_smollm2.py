@@ -1,0 +1,234 @@
+"""Long-context targets on SmolLM2-135M: kvshrink vs kvpress at 4x and 8x (issue 5, items 3-4).
+
+Runs the target rows in one process on the same cases: the uncompressed ``DynamicCache``,
+every kvpress press (StreamingLLM, SnapKV, Knorm, ExpectedAttention, TOVA) at ratio 0.75 and
+0.875 (4x and 8x fewer tokens), and the kvshrink candidates for each level, on the needle
+(``niah_single``, 2048 tokens) and multi-turn (``multiturn``, 1024 tokens) tasks, lengths
+where the uncompressed model scored >= 80% on CPU. The verdict per level compares the best
+kvshrink row whose measured total compression ratio is at least every press's at that level
+with the strongest press, per task and length; the target is a lead of >= 30 points at 8x.
+
+Cases run case-major (case i for every method, then case i + 1), so a run stopped by
+``--max-minutes`` still compares all methods on the same cases; the JSON/md/png are
+rewritten after every case round.
+
+    PYTHONPATH=src python benchmarks/longbench_smollm2.py --device cuda --out docs/results
+    PYTHONPATH=src python benchmarks/longbench_smollm2.py --smoke          # minutes on CPU
+    PYTHONPATH=src python benchmarks/longbench_smollm2.py --render         # md/png from the JSON
+
+Size knob: ``--cases`` (50 for the targets) and ``--max-minutes``; the runtime is about
+(methods x tasks x lengths x cases) case runs, printed after the first round with a projection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from kvshrink.core.atomic import atomic_write
+from kvshrink.data import load_text
+from kvshrink.eval.chat import ChatPrompt
+from kvshrink.eval.kvpress_peer import PRESSES, kvpress_available
+from kvshrink.eval.longbench import run_case, summarize
+from kvshrink.eval.longbench_methods import build_longbench_method
+from kvshrink.eval.longbench_report import longbench_markdown, plot_longbench
+from kvshrink.eval.report import write_json
+from kvshrink.models import load_model
+from kvshrink.tasks import Haystack, make_task, tokenizer_counter
+
+STEM = "longbench-smollm2"
+#: task -> lengths where the uncompressed model scored >= 80% on CPU (docs/results/longbench-smollm2-notes.md)
+TARGETS = {"niah_single": (2048,), "multiturn": (1024,)}
+#: level (x fewer bytes) -> kvpress ratio (fraction removed) and the kvshrink candidates for it.
+#: Small packed blocks and no extra fp16 window keep the fp16 share low enough to match the
+#: presses' measured ratios (they keep the question whole: 3.6x and 6.35x at 1024 tokens).
+#: 8x needs < 2 bits on average; uniform 1.5 bits loses the needle's digits, so the candidates
+#: spend the bits unevenly between keys and values (CPU, 3 cases: 1/3 and 1/2 retrieved).
+LEVELS = {
+    4: (0.75, ["fibquant:b=3,k=2+cache:window=0,block=64"]),
+    8: (
+        0.875,
+        [
+            "fibquant:k=4,kb=2,vb=1.5,prerope=1+cache:window=0,block=32",
+            "fibquant:k=4,kb=1.5,vb=2,prerope=1+cache:window=0,block=32",
+        ],
+    ),
+}
+
+
+def method_specs(levels: dict, with_kvpress: bool) -> list[str]:
+    specs = ["none"]
+    for ratio, candidates in levels.values():
+        specs += candidates
+        if with_kvpress:
+            specs += [f"kvpress/{p}:ratio={ratio:g}" for p in PRESSES]
+    return list(dict.fromkeys(specs))
+
+
+def verdict(rows: list[dict], levels: dict) -> list[dict]:
+    """Per level, task and length: the best kvshrink row at >= the presses' ratio vs each press."""
+    out = []
+    for level, (ratio, candidates) in levels.items():
+        for task, length in dict.fromkeys((r["task"], r["length"]) for r in rows):
+            here = [r for r in rows if r["task"] == task and r["length"] == length]
+            presses = [
+                r for r in here if r["method"].startswith("kvpress/") and r["method"].endswith(f"={ratio:g}")
+            ]
+            if not presses:
+                continue
+            need = max(r["compression_ratio"] for r in presses)
+            ours = [r for r in here if r["method"] in candidates and r["compression_ratio"] >= need]
+            if not ours:
+                out.append(
+                    {"level": level, "task": task, "length": length, "best": None, "ratio_needed": need}
+                )
+                continue
+            best = max(ours, key=lambda r: r["accuracy"])
+            strongest = max(presses, key=lambda r: r["accuracy"])
+            out.append(
+                {
+                    "level": level,
+                    "task": task,
+                    "length": length,
+                    "best": best["method"],
+                    "best_accuracy": best["accuracy"],
+                    "best_ratio": best["compression_ratio"],
+                    "ratio_needed": need,
+                    "strongest_press": strongest["method"],
+                    "press_accuracy": strongest["accuracy"],
+                    "lead_points": best["accuracy"] - strongest["accuracy"],
+                }
+            )
+    return out
+
+
+def verdict_markdown(v: list[dict]) -> str:
+    lines = [
+        "## Targets: best kvshrink row vs the strongest kvpress press",
+        "",
+        "Per level, the kvshrink candidate with the best accuracy among those whose total compression "
+        "ratio is at least every press's at that level; lead in accuracy points (target: >= 30 at 8x).",
+        "",
+        "| level | task | length | best kvshrink | acc | ratio | strongest press | acc | lead |",
+        "|---:|---|---:|---|---:|---:|---|---:|---:|",
+    ]
+    for r in v:
+        if r["best"] is None:
+            lines.append(
+                f"| {r['level']}x | {r['task']} | {r['length']} | none reaches {r['ratio_needed']:.2f}x | | | | | |"
+            )
+            continue
+        lines.append(
+            f"| {r['level']}x | {r['task']} | {r['length']} | `{r['best']}` | {r['best_accuracy']:.1f} | "
+            f"{r['best_ratio']:.2f}x | `{r['strongest_press']}` | {r['press_accuracy']:.1f} | {r['lead_points']:+.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def render(data: dict, out: Path, stem: str = STEM) -> str:
+    md = longbench_markdown(data, "Long-context accuracy on SmolLM2-135M: kvshrink vs kvpress")
+    md += "\n" + verdict_markdown(data.get("verdict", []))
+    md += f"\nDevice {data.get('device', '?')}, {data.get('seconds', 0):.0f} s; generated by `benchmarks/longbench_smollm2.py`.\n"
+    write_json(out / f"{stem}.json", data)
+    atomic_write(out / f"{stem}.md", md)
+    try:
+        plot_longbench(data, out / f"{stem}.png", "SmolLM2-135M: long-context accuracy, kvshrink vs kvpress")
+    except ImportError:  # a host without matplotlib: re-render later with --render
+        pass
+    return md
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="docs/results")
+    ap.add_argument(
+        "--model", default="smollm2-135m", help="embedded name, .gguf or HF folder (same weights)"
+    )
+    ap.add_argument("--text", default="paul-graham", help="haystack: embedded name, .txt file or folder")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way)")
+    ap.add_argument("--cases", type=int, default=50, help="cases per task and length (the size knob)")
+    ap.add_argument("--lengths", default="", help="override every task's target lengths, e.g. 1024,2048")
+    ap.add_argument("--tasks", default=";".join(TARGETS), help='task specs "a;b" (default: the target tasks)')
+    ap.add_argument(
+        "--candidates", default="", help='extra kvshrink rows "spec;spec" (searched for the best)'
+    )
+    ap.add_argument(
+        "--max-minutes", type=float, default=0.0, help="stop before a case round that would end past this"
+    )
+    ap.add_argument("--smoke", action="store_true", help="1 case at 512 tokens, to check the script")
+    ap.add_argument("--render", action="store_true", help="only re-render md/png from the JSON in --out")
+    args = ap.parse_args()
+    out = Path(args.out)
+    if args.render:
+        print(render(json.loads((out / f"{STEM}.json").read_text()), out))
+        return 0
+    override = tuple(int(x) for x in args.lengths.split(",") if x.strip())
+    cases_n = args.cases
+    stem = STEM + ("-smoke" if args.smoke else "")
+    if args.smoke:
+        override, cases_n = (512,), 1
+    extra = [s.strip() for s in args.candidates.split(";") if s.strip()]
+    # canonical names, as the rows print them
+    levels = {k: (r, [build_longbench_method(x).name for x in c + extra]) for k, (r, c) in LEVELS.items()}
+    if not kvpress_available():
+        print(
+            "kvpress is not installed: kvpress rows are skipped (pip install --no-deps kvpress)",
+            file=sys.stderr,
+        )
+    methods = [build_longbench_method(s) for s in method_specs(levels, kvpress_available())]
+    tasks = [make_task(t) for t in args.tasks.split(";")]
+    t0 = time.time()
+    model, tok = load_model(args.model)
+    model.to(args.device)
+    for m in methods:
+        if hasattr(m, "check"):
+            m.check(model)
+    prompt = ChatPrompt.from_tokenizer(tok)
+    hay = Haystack(load_text(args.text), tokenizer_counter(tok))
+    lengths = {t.spec: override or TARGETS.get(t.spec, (1024,)) for t in tasks}
+    blocks = [(t, n, t.cases(hay, n, cases_n)) for t in tasks for n in lengths[t.spec]]
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    results = []
+    data: dict = {}
+    print(f"{len(methods)} methods x {len(blocks)} task/length blocks x {cases_n} cases", file=sys.stderr)
+    for i in range(cases_n):
+        t_round = time.time()
+        for _, _, cases in blocks:
+            for m in methods:
+                results.append(run_case(model, tok, prompt, m, cases[i]))
+        rows = summarize(results)
+        data = {
+            "model": "smollm2-135m",
+            "device": device,
+            "accuracy_unit": "percent",
+            "bytes": "fp16 reference over bytes held after context + first question; dense tensors at 2 B/elem",
+            "cases": i + 1,
+            "lengths": sorted({n for ns in lengths.values() for n in ns}),
+            "tasks": [t.spec for t in tasks],
+            "methods": [m.name for m in methods],
+            "levels": {str(k): {"kvpress_ratio": r, "candidates": c} for k, (r, c) in levels.items()},
+            "rows": rows,
+            "verdict": verdict(rows, levels),
+            "seconds": time.time() - t0,
+        }
+        render(data, out, stem)
+        spent = (time.time() - t0) / 60
+        print(
+            f"round {i + 1}/{cases_n}: {time.time() - t_round:.1f} s; projected total "
+            f"{spent + (cases_n - i - 1) * (time.time() - t_round) / 60:.1f} min",
+            file=sys.stderr,
+        )
+        if args.max_minutes and spent + (time.time() - t_round) / 60 > args.max_minutes:
+            print(f"stopping after {i + 1} cases (--max-minutes {args.max_minutes})", file=sys.stderr)
+            break
+    print(render(data, out, stem))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
