@@ -50,12 +50,19 @@ TARGETS = {"niah_single": (2048,), "multiturn": (1024,)}
 #: 8x needs < 2 bits on average; uniform 1.5 bits loses the needle's digits, so the candidates
 #: spend the bits unevenly between keys and values (CPU, 3 cases: 1/3 and 1/2 retrieved).
 LEVELS = {
-    4: (0.75, ["fibquant:b=3,k=2+cache:window=0,block=64"]),
+    4: (
+        0.75,
+        [
+            "fibquant:b=3,k=2+cache:window=0,block=64",
+            "fibquant:b=2.5,k=4,kb=3,vb=2+cache:window=0,block=64",
+        ],
+    ),
     8: (
         0.875,
         [
-            "fibquant:k=4,kb=2,vb=1.5,prerope=1+cache:window=0,block=32",
-            "fibquant:k=4,kb=1.5,vb=2,prerope=1+cache:window=0,block=32",
+            "fibquant:k=4,kb=2,vb=1.5+cache:window=0,block=32",
+            "fibquant:k=4,kb=1.5,vb=2+cache:window=0,block=32",
+            "mikv:ratio=0.75,low=[fibquant:b=1,k=8]+fibquant:b=2+cache:window=0,block=16",
         ],
     ),
 }

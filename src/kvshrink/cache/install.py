@@ -167,6 +167,9 @@ def text_config(model: Any) -> Any:
 def layer_windows(config: Any) -> list[int | None]:
     """Per layer: the sliding window of a sliding layer, None for a full-attention layer."""
     layer_types, kwargs = get_layer_types_and_kwargs(config)
+    if not isinstance(kwargs, list) or len(kwargs) != len(layer_types):
+        # transformers 5.17 returns one shared kwargs dict ({} for Llama): zip would give no layers
+        kwargs = [{"sliding_window": getattr(config, "sliding_window", None)}] * len(layer_types)
     return [
         kw.get("sliding_window") if t == "sliding_attention" else None for t, kw in zip(layer_types, kwargs)
     ]
