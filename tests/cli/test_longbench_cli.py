@@ -73,6 +73,7 @@ def test_end_to_end_small_run(capsys, tmp_path: Path, monkeypatch) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_quick_run_as_a_user_would(tmp_path: Path) -> None:
     """`kvshrink longbench --quick` in a subprocess on SmolLM2: the model answers uncompressed."""
     out = tmp_path / "q"
