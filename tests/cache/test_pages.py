@@ -11,7 +11,6 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from kvshrink.cache import CompressedCache
 from kvshrink.cache.attention import allowed_mask
@@ -19,7 +18,9 @@ from kvshrink.cache.pages import PageTable, _heads
 from kvshrink.codecs import Packed
 from kvshrink.core import InputError
 
+from ..policies.tiny import tiny_llama
 from .test_attention import reference
+from .test_families import run as greedy_logits
 from .test_layer import held, make_layer
 
 
@@ -211,34 +212,11 @@ def test_heads_of_a_packed_layout_that_mixes_heads_are_refused() -> None:
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        num_hidden_layers=3,
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=96,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=512,
-    )
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    model = tiny_llama(layers=3)
     ids = torch.randint(1, 97, (2, 150))
     mask = torch.ones(2, 150, dtype=torch.long)
     mask[1, :13] = 0
     return model, ids, mask
-
-
-def greedy_logits(model, ids, mask, cache, steps=16):
-    logits, m = [], mask
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=m, past_key_values=cache)
-        for _ in range(steps):
-            logits.append(out.logits[:, -1])
-            nxt = out.logits[:, -1:].argmax(-1)
-            m = torch.cat([m, torch.ones_like(nxt)], 1)
-            out = model(input_ids=nxt, attention_mask=m, past_key_values=cache)
-    return torch.stack(logits)
 
 
 @pytest.mark.parametrize(
@@ -248,8 +226,8 @@ def test_budget_above_the_context_equals_no_policy(tiny, policy: str) -> None:
     model, ids, mask = tiny
     cache = CompressedCache(model, f"{policy}+int8")
     block = cache.parsed.cache.block
-    plain = greedy_logits(model, ids, mask, CompressedCache(model, "int8", window=0, block=block))
-    torch.testing.assert_close(greedy_logits(model, ids, mask, cache), plain, atol=1e-5, rtol=1e-5)
+    plain = greedy_logits(model, CompressedCache(model, "int8", window=0, block=block), ids, mask, 16)
+    torch.testing.assert_close(greedy_logits(model, cache, ids, mask, 16), plain, atol=1e-5, rtol=1e-5)
     assert cache.layers[0].pages is None and cache.layers[2].pages is not None  # first layer dense
     assert cache.layers[2].pages.n == 166 // block
 
@@ -258,7 +236,7 @@ def test_budget_above_the_context_equals_no_policy(tiny, policy: str) -> None:
 def test_resident_and_total_bytes(tiny, spec: str) -> None:
     model, ids, mask = tiny
     cache = CompressedCache(model, spec.replace("+", ",dense_layers=1+", 1))
-    greedy_logits(model, ids, mask, cache, steps=6)
+    greedy_logits(model, cache, ids, mask, 6)
     report = cache.memory_report()
     assert (
         cache.nbytes()
