@@ -23,6 +23,7 @@ Size knob: ``--cases`` (50 for the targets) and ``--max-minutes``; the runtime i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -34,7 +35,7 @@ from kvshrink.core.atomic import atomic_write
 from kvshrink.data import load_text
 from kvshrink.eval.chat import ChatPrompt
 from kvshrink.eval.kvpress_peer import PRESSES, kvpress_available
-from kvshrink.eval.longbench import run_case, summarize
+from kvshrink.eval.longbench import CaseResult, run_case, summarize
 from kvshrink.eval.longbench_methods import build_longbench_method
 from kvshrink.eval.longbench_report import longbench_markdown, plot_longbench
 from kvshrink.eval.report import write_json
@@ -167,6 +168,11 @@ def main() -> int:
     ap.add_argument(
         "--max-minutes", type=float, default=0.0, help="stop before a case round that would end past this"
     )
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the per-case results saved in --out by an earlier run of the same methods and tasks",
+    )
     ap.add_argument("--smoke", action="store_true", help="1 case at 512 tokens, to check the script")
     ap.add_argument("--render", action="store_true", help="only re-render md/png from the JSON in --out")
     args = ap.parse_args()
@@ -200,10 +206,25 @@ def main() -> int:
     lengths = {t.spec: override or TARGETS.get(t.spec, (1024,)) for t in tasks}
     blocks = [(t, n, t.cases(hay, n, cases_n)) for t in tasks for n in lengths[t.spec]]
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    results = []
+    results: list[CaseResult] = []
     data: dict = {}
+    per_round = len(methods) * len(blocks)
+    raw = out / f"{stem}-cases.json"  # every case's result, so a run cut by a time limit can go on
+    first = 0
+    if args.resume and raw.exists():
+        saved = json.loads(raw.read_text())
+        if saved["methods"] != [m.name for m in methods] or saved["tasks"] != [t.spec for t in tasks]:
+            raise SystemExit(f"--resume: {raw} holds other methods or tasks; run without --resume")
+        results = [CaseResult(**r) for r in saved["results"]]
+        first = len(results) // per_round
+        results = results[: first * per_round]
+        t0 -= saved.get("seconds", 0.0)
+        print(f"resuming after {first} cases from {raw}", file=sys.stderr)
+        if first >= cases_n:
+            raise SystemExit(f"--resume: {raw} already holds {first} >= --cases {cases_n} cases")
     print(f"{len(methods)} methods x {len(blocks)} task/length blocks x {cases_n} cases", file=sys.stderr)
-    for i in range(cases_n):
+    t_run = time.time()  # --max-minutes counts this run only
+    for i in range(first, cases_n):
         t_round = time.time()
         for _, _, cases in blocks:
             for m in methods:
@@ -224,13 +245,17 @@ def main() -> int:
             "seconds": time.time() - t0,
         }
         render(data, out, stem)
+        keep = {"methods": data["methods"], "tasks": data["tasks"], "seconds": data["seconds"]}
+        keep["results"] = [dataclasses.asdict(r) for r in results]
+        atomic_write(raw, json.dumps(keep))
         spent = (time.time() - t0) / 60
         print(
             f"round {i + 1}/{cases_n}: {time.time() - t_round:.1f} s; projected total "
             f"{spent + (cases_n - i - 1) * (time.time() - t_round) / 60:.1f} min",
             file=sys.stderr,
         )
-        if args.max_minutes and spent + (time.time() - t_round) / 60 > args.max_minutes:
+        this_run = (time.time() - t_run) / 60
+        if args.max_minutes and this_run + (time.time() - t_round) / 60 > args.max_minutes:
             print(f"stopping after {i + 1} cases (--max-minutes {args.max_minutes})", file=sys.stderr)
             break
     print(render(data, out, stem))

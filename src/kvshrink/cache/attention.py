@@ -277,6 +277,8 @@ def attend_own_tokens(
     or a sliding window cuts them) and its own square (``is_causal``). Returns False, doing
     nothing, where the fused kernel is unavailable or refuses the inputs.
     """
+    if k.device.type == "cuda":
+        return _own_tokens_cuda(state, k, v, pos, sliding)
     if _FUSED is None or k.device.type != "cpu":
         return False
     b, hk, g, nq = state.shape
@@ -309,4 +311,24 @@ def attend_own_tokens(
         return False
     for out, lse, r0, r1 in done:  # merged only once every part succeeded
         state.merge(out, lse, r0, r1)
+    return True
+
+
+def _own_tokens_cuda(
+    state: OnlineSoftmax, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, sliding: int | None
+) -> bool:
+    """The CUDA counterpart: one causal memory-efficient SDPA call in fp32 (it returns the
+    log-sum-exp). Padding and sliding windows need a mask: those forwards take the generic path."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", None)
+    b, hk, g, nq = state.shape
+    if op is None or sliding is not None or k.shape[-1] != v.shape[-1] or bool((pos < 0).any()):
+        return False
+    q = state.q.reshape(b, hk * g, nq, -1)
+    kr = k.float()[:, :, None].expand(b, hk, g, nq, k.shape[-1]).reshape(b, hk * g, nq, -1)
+    vr = v.float()[:, :, None].expand(b, hk, g, nq, v.shape[-1]).reshape(b, hk * g, nq, -1)
+    try:
+        out, lse = op(q, kr, vr, None, True, 0.0, True, scale=1.0)[:2]
+    except RuntimeError:  # pragma: no cover - a build whose kernel refuses these inputs
+        return False
+    state.merge(out, lse[..., :nq], 0, nq)
     return True

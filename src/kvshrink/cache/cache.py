@@ -232,6 +232,8 @@ class CompressedCache(Cache):
             if layer.comp is not None:
                 d, m = layer.comp.nbytes()
                 dense, meta = dense + d, meta + m
+            if layer.store is not None:  # the kernel store's capacity not yet filled is held too
+                packed += layer.store.slack_nbytes()
             baseline = (
                 layer.seen if layer.sliding_window is None else min(layer.seen, layer.sliding_window - 1)
             )

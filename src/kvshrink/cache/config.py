@@ -6,7 +6,7 @@ Grammar (stages are the ``core.spec`` stages; order is free, the canonical form 
                                               at most one 'cache' stage
     codec      := any registered codec         int4, kivi:b=2, fp16, ...
     policy     := any registered policy        snapkv:ratio=0.75, streamingllm:sinks=4,budget=256
-    cache      := 'cache' (':' window=N, block=N, chunk=N)
+    cache      := 'cache' (':' window=N, block=N, chunk=N, kernels=auto|triton|torch)
 
 Examples: ``int4``, ``kivi:b=2``, ``snapkv:ratio=0.75+fp16``,
 ``streamingllm:sinks=4,budget=256+int4+cache:window=64``,
@@ -51,15 +51,21 @@ class CacheConfig(SpecConfig):
     packed storage ``block`` tokens at a time, so a layer holds ``window`` to
     ``window + block - 1`` full-precision tokens. ``chunk``: keys per online-softmax step;
     consecutive decoded blocks are concatenated up to this many tokens, which bounds the
-    transient full-precision buffer of a read to ``chunk`` tokens per layer.
+    transient full-precision buffer of a read to ``chunk`` tokens per layer. ``kernels``:
+    ``auto`` reads decode steps with the Triton kernels on CUDA where the cache allows it
+    (:mod:`.store`), ``torch`` always with the PyTorch path, ``triton`` insists on the kernels
+    (an error where they cannot serve the cache; CPU tensors need ``TRITON_INTERPRET=1``).
     """
 
     name: ClassVar[str] = "cache"
     window: int = 128
     block: int = 128
     chunk: int = 2048
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.kernels not in ("auto", "triton", "torch"):
+            raise SpecError(f"cache: kernels must be auto, triton or torch, got {self.kernels!r}")
         if self.window < 0:
             raise SpecError(f"cache: window must be >= 0 tokens, got {self.window}")
         if self.block < 1:
@@ -134,7 +140,7 @@ def parse_cache_spec(spec: str, **cache_options: Any) -> CacheSpec:
             near = f" (did you mean {', '.join(hint)}?)" if hint else ""
             raise SpecError(
                 f"unknown stage {stage.name!r} in {spec!r}{near}; policies: {', '.join(POLICIES.names())}; "
-                f"codecs: {', '.join(CODECS.names())}; cache options: cache:window=N,block=N,chunk=N"
+                f"codecs: {', '.join(CODECS.names())}; cache options: cache:window=N,block=N,chunk=N,kernels=auto|triton|torch"
             )
     if codec is None:
         raise SpecError(f"{spec!r} has no codec stage; add one, e.g. '{spec}+int4' (or '+fp16' for none)")

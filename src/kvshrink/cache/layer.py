@@ -34,6 +34,7 @@ from .lut import LUT_MAX_ROWS, lut_group
 from .pages import make_page_table, narrow
 from .precision import demote, low_slots
 from .segment import Segment, cat_dense, decode_packed_group, encode_segment
+from .store import PackedStore, check_mode, kernel_unsupported
 
 __all__ = ["CompressedLayer"]
 
@@ -83,6 +84,7 @@ class CompressedLayer(CacheLayerMixin):
         self.seen_valid: torch.Tensor | None = None
         self._pending: tuple[torch.Tensor, torch.Tensor, int] | None = None
         self.pages = make_page_table(policy, layer_idx, codec, config.window)  # Quest/ArkVale pages
+        self.store: PackedStore | None = None  # blocks in one tensor per field, for the decode kernel
 
     def __repr__(self) -> str:
         kind = f"sliding={self.sliding_window}" if self.is_sliding else "full"
@@ -93,7 +95,43 @@ class CompressedLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.batch, self.heads = key_states.shape[0], key_states.shape[1]
         self.seen_valid = torch.zeros(self.batch, dtype=torch.long, device=self.device)
+        self.store = self._make_store(key_states, value_states)
         self.is_initialized = True
+
+    def _make_store(self, k: torch.Tensor, v: torch.Tensor) -> PackedStore | None:
+        """A store when decode steps can go through the Triton kernel (see :mod:`.store`)."""
+        mode = self.config.kernels
+        if mode == "torch" or (mode == "auto" and not k.is_cuda) or self.is_sliding:
+            return None  # sliding layers drop blocks from the front: the reference path reads them
+        if mode == "auto":
+            from ..kernels.decode_attn import triton_available
+
+            if not triton_available():
+                return None
+        check_mode(mode, k.device)
+        why = None
+        if self.policy is not None:
+            why = f"token policy {self.policy.config.name} reads through the PyTorch path"
+        elif k.shape[-1] != v.shape[-1]:
+            why = f"key dim {k.shape[-1]} != value dim {v.shape[-1]}"
+        else:
+            why = kernel_unsupported(self.codec, k.shape[-1], self.config.block, k.dtype)
+        if why is not None:
+            if mode == "triton":
+                raise InputError(
+                    f"cache:kernels=triton cannot serve this cache: {why}; use kernels=auto or torch"
+                )
+            return None
+        return PackedStore(
+            self.codec,
+            self.batch,
+            self.heads,
+            k.shape[-1],
+            self.config.block,
+            k.device,
+            k.dtype,
+            mode == "triton",
+        )
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Record the new ``[B, Hkv, Q, D]`` keys/values; attention commits them. Returns them as is."""
@@ -128,6 +166,7 @@ class CompressedLayer(CacheLayerMixin):
         self.blocks, self.window, self._pending = [], None, None
         self.low, self.comp = [], None
         self.seen_valid = None
+        self.store = None
         self.is_initialized = False
         if self.pages is not None:
             self.pages.reset()
@@ -161,6 +200,8 @@ class CompressedLayer(CacheLayerMixin):
         idx = idx.to(self.device).long()
         for seg in self.segments():
             seg.index_rows(idx)
+        if self.store is not None:
+            self.store.index_rows(idx, self.blocks)
         if self.comp is not None:
             self.comp.index_rows(idx)
         assert self.seen_valid is not None
@@ -210,6 +251,14 @@ class CompressedLayer(CacheLayerMixin):
         new = Segment(
             pos=pos, lo=start, hi=start + nq - 1, full=new_valid is None, c0=start, k=k_new, v=v_new
         )
+        if self._kernel_step(nq, new_valid, pad_read):
+            assert self.store is not None
+            w = self.window
+            wk = k_new if w is None or not w.size else torch.cat([w.k, k_new], dim=2)  # type: ignore[list-item]
+            wv = v_new if w is None or not w.size else torch.cat([w.v, v_new], dim=2)  # type: ignore[list-item]
+            out = self.store.attend(query, scaling, wk, wv).to(query.dtype)
+            self._commit(new, new_valid, None)
+            return out
         pad2d = mask2d if pad_read else None
         sources = [*self.segments(), new]
 
@@ -241,6 +290,18 @@ class CompressedLayer(CacheLayerMixin):
         if self.pages is not None:
             self.pages.sync(self.blocks, query, self.seen_valid)  # type: ignore[arg-type]
         return out
+
+    def _kernel_step(self, nq: int, new_valid: torch.Tensor | None, pad_read: bool) -> bool:
+        """This step can be one kernel launch: one query, a store in use, no empty slot."""
+        w = self.window
+        return (
+            self.store is not None
+            and self.store.n > 0
+            and nq == 1
+            and new_valid is None
+            and not pad_read
+            and (w is None or w.full or not w.size)
+        )
 
     def _observe(
         self,
@@ -499,8 +560,12 @@ class CompressedLayer(CacheLayerMixin):
         if n_blocks == 0:
             return
         horizon = self.seen - self.sliding_window if self.sliding_window is not None else None
-        for i in range(n_blocks):
-            piece = w.slice(i * block, (i + 1) * block)
+        pieces = [w.slice(i * block, (i + 1) * block) for i in range(n_blocks)]
+        if self.store is not None and not all(p.full for p in pieces):
+            self.store = None  # empty slots (left padding): the PyTorch path reads from now on
+        if self.store is not None:
+            self.blocks.extend(self.store.append(pieces, self.blocks))
+        for piece in pieces if self.store is None else []:
             if piece.hi < 0 or (horizon is not None and piece.hi <= horizon):
                 continue  # nothing anyone will attend to again
             self.blocks.append(encode_segment(self.codec, piece))

@@ -1,0 +1,247 @@
+"""A layer's packed blocks in one contiguous store, so a decode step is one kernel launch.
+
+The reference read path (:mod:`.attention`) decodes blocks chunk by chunk, a dozen small ops per
+chunk and layer: on a GPU a decode step is launch-bound long before it is bandwidth-bound. The
+kernels of :mod:`kvshrink.kernels` read a packed cache as one ``[B, Hkv, T, ...]`` tensor per
+packed field, so this store keeps a layer's blocks there, appended as the window flushes
+(encoded in one fused call for rotation codecs), and every packed :class:`Segment`'s ``Packed``
+rows are *views* of it. The bytes are held once, and every other path (prompt reads, beams,
+the memory report) sees the same blocks as before.
+
+A layer gets a store only when the kernel can serve all of it: no token policy (no
+observation, eviction, pages or low-precision runs), not a sliding-window layer, a codec the
+kernels have a layout for. A step then takes the kernel when it has one query token and no
+empty slot (left padding flushes blocks with empty slots: the store stops there and the layer
+reads through the reference path from then on, on the same data).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import replace
+
+import torch
+
+from ..codecs import Codec, Packed
+from ..codecs.base import Role
+from ..core.errors import InputError, KvshrinkError
+from ..kernels.layout import layout_of, packed_unsupported
+from .segment import Segment
+
+__all__ = ["KERNEL_MODES", "PackedStore", "check_mode", "kernel_unsupported"]
+
+KERNEL_MODES = ("auto", "triton", "torch")
+_ROLES: tuple[Role, Role] = ("key", "value")
+
+
+def kernel_unsupported(codec: Codec, d: int, block: int, dtype: torch.dtype) -> str | None:
+    """Why the decode kernel cannot read ``codec``'s blocks of ``block`` tokens (None: it can)."""
+    try:
+        for role in _ROLES:
+            tpl = _template(codec, role, d, block, dtype)
+            why = packed_unsupported(tpl, layout_of(codec, role, d), d)
+            if why:
+                return why
+            for name, t in sorted(tpl.tensors.items(), key=lambda kv: kv[0] != "residual"):
+                if name == "residual":  # KIVI's fp16 tail: empty when the block is whole groups
+                    if t.numel():
+                        return f"{t.shape[1]} of every {block}-token block stay in KIVI's fp16 residual"
+                elif t.shape[1] == 0 or block % t.shape[1]:
+                    return f"packed field {name!r} does not split into whole rows per block of {block}"
+    except KvshrinkError as e:
+        return str(e)
+    return None
+
+
+def _template(codec: Codec, role: Role, d: int, block: int, dtype: torch.dtype) -> Packed:
+    """What the codec stores for one block of one KV head (seeded data: only shapes matter)."""
+    g = torch.Generator().manual_seed(0)
+    return codec.encode(torch.randn(1, block, d, generator=g).to(dtype), role)
+
+
+class PackedStore:
+    """Contiguous packed fields ``[B, Hkv, capacity / per, ...]`` of one layer's blocks.
+
+    ``per[role][field]``: tokens per stored row of a field (1 for per-token codes and norms,
+    KIVI's group for its per-channel key scales). Capacity grows by an eighth (at least a block)
+    and the unused tail is reported as held (:meth:`slack_nbytes`).
+    """
+
+    def __init__(
+        self, codec: Codec, batch: int, heads: int, d: int, block: int, device, dtype, force: bool = False
+    ) -> None:
+        self.codec, self.batch, self.heads, self.d, self.block = codec, batch, heads, d, block
+        self.force = force  # Triton even on CPU tensors (the interpreter: how CI tests this path)
+        self.device, self.dtype = torch.device(device), dtype
+        self.n = 0  # tokens stored per row
+        self.cap = 0
+        self.tpl = {r: _template(codec, r, d, block, dtype) for r in _ROLES}
+        self.per = {
+            r: {k: block // t.shape[1] for k, t in self.tpl[r].tensors.items() if t.numel()} for r in _ROLES
+        }
+        self.fields: dict[Role, dict[str, torch.Tensor]] = {r: {} for r in _ROLES}
+        self.empty = {  # fields a block leaves empty (KIVI's residual), shaped as the codec's own
+            r: {
+                k: t.new_zeros((heads, *t.shape[1:])).to(self.device)
+                for k, t in self.tpl[r].tensors.items()
+                if not t.numel()
+            }
+            for r in _ROLES
+        }
+        self.vq = layout_of(codec, "key", d).kind == "vq" and layout_of(codec, "value", d).kind == "vq"
+        self._len: dict[tuple[int, int], torch.Tensor] = {}
+
+    # -- writing -----------------------------------------------------------------------------
+    def append(self, pieces: list[Segment], blocks: list[Segment]) -> list[Segment]:
+        """Pack consecutive full dense ``pieces`` (one block each) into the store; returns them
+        as packed segments whose rows view the store. ``blocks``: the layer's packed blocks,
+        re-pointed if the store has to move."""
+        t = sum(p.size for p in pieces)
+        if self.n + t > self.cap:
+            self._grow(self.n + t, blocks)
+        k = torch.cat([p.k for p in pieces], dim=2) if len(pieces) > 1 else pieces[0].k
+        v = torch.cat([p.v for p in pieces], dim=2) if len(pieces) > 1 else pieces[0].v
+        for role, x in zip(_ROLES, (k, v)):
+            self._write(role, x, self.n)  # type: ignore[arg-type]
+        out, a = [], self.n
+        for p in pieces:
+            keys, values = self._views(a, a + p.size)
+            pos = p.pos.contiguous().clone()
+            out.append(replace(p, pos=pos, acc=None, keys=keys, values=values, k=None, v=None))
+            a += p.size
+        self.n += t
+        return out
+
+    def _write(self, role: Role, x: torch.Tensor, start: int) -> None:
+        """Encode ``x`` ``[B, Hkv, T, d]`` into rows ``[start, start + T)``."""
+        fields = self.fields[role]
+        if self.vq and (x.is_cuda or self.force):  # fused rotate + nearest codeword + pack, in place
+            from ..kernels.encode import encode_vq
+
+            at = torch.full((self.batch,), start, dtype=torch.int32, device=x.device)
+            backend = "triton" if self.force else "auto"
+            encode_vq(x, self.codec, role, out=(fields["codes"], fields["norm"]), start=at, backend=backend)
+            return
+        b, h, t, d = x.shape
+        packed = self.codec.encode(x.reshape(b * h, t, d), role)  # leading dims are independent
+        for name, buf in fields.items():
+            per = self.per[role][name]
+            src = packed.tensors[name]
+            buf[:, :, start // per : (start + t) // per].copy_(src.reshape(b, h, *src.shape[1:]))
+
+    def _grow(self, need: int, blocks: list[Segment]) -> None:
+        step = max(self.block, self.cap // 8)
+        cap = max(need, self.cap + step)
+        cap = math.ceil(cap / self.block) * self.block
+        for role in _ROLES:
+            for name, t in self.tpl[role].tensors.items():
+                if not t.numel():
+                    continue
+                per = self.per[role][name]
+                buf = torch.zeros(
+                    self.batch, self.heads, cap // per, *t.shape[2:], dtype=t.dtype, device=self.device
+                )
+                old = self.fields[role].get(name)
+                if old is not None:
+                    buf[:, :, : old.shape[2]].copy_(old)
+                self.fields[role][name] = buf
+        self.cap = cap
+        self._review(blocks)
+
+    # -- views -------------------------------------------------------------------------------
+    def _views(self, a: int, z: int) -> tuple[list[Packed], list[Packed]]:
+        """Per batch row, ``Packed`` keys and values of tokens ``[a, z)`` as views of the store."""
+        out = []
+        for role in _ROLES:
+            tpl, rows = self.tpl[role], []
+            meta = {**tpl.meta, **{m: z - a for m in self.codec.token_meta if m in tpl.meta}}
+            for r in range(self.batch):
+                tensors = {}
+                for name, t in tpl.tensors.items():
+                    if not t.numel():  # e.g. KIVI's empty residual: shared as is
+                        tensors[name] = self.empty[role][name]
+                        continue
+                    per = self.per[role][name]
+                    tensors[name] = self.fields[role][name][r, :, a // per : z // per]
+                rows.append(Packed(tpl.spec, role, (self.heads, z - a, self.d), self.dtype, tensors, meta))
+            out.append(rows)
+        return out[0], out[1]
+
+    def _review(self, blocks: list[Segment]) -> None:
+        a = 0
+        for seg in blocks:
+            seg.keys, seg.values = self._views(a, a + seg.size)
+            a += seg.size
+        assert a == self.n, "the store and the layer's blocks disagree"
+
+    def index_rows(self, idx: torch.Tensor, blocks: list[Segment]) -> None:
+        """Keep batch rows ``idx`` (beam reorder, selection, repetition): rows are copied."""
+        for role in _ROLES:
+            for name, buf in self.fields[role].items():
+                self.fields[role][name] = buf.index_select(0, idx.to(buf.device))
+        self.batch = idx.numel()
+        self._len.clear()
+        self._review(blocks)
+
+    # -- reading -----------------------------------------------------------------------------
+    def attend(self, query: torch.Tensor, scaling: float, wk: torch.Tensor, wv: torch.Tensor) -> torch.Tensor:
+        """Decode attention of ``query`` ``[B, H, 1, D]`` over the store plus the window
+        ``wk``/``wv`` ``[B, Hkv, W, D]`` (the new token included). Returns ``[B, 1, H, D]``."""
+        from ..kernels.decode_attn import Window, decode_attention
+
+        b = query.shape[0]
+        packed = [
+            Packed(
+                self.tpl[r].spec,
+                r,
+                (self.heads, self.cap, self.d),
+                self.dtype,
+                self._full(r),
+                self.tpl[r].meta,
+            )
+            for r in _ROLES
+        ]
+        window = Window(wk.to(torch.float16), wv.to(torch.float16), self._lengths(b, wk.shape[2]))
+        out = decode_attention(
+            query[:, :, 0],
+            packed[0],
+            packed[1],
+            self._lengths(b, self.n),
+            window,
+            codec=self.codec,
+            scale=scaling,
+            backend="triton" if self.force else "auto",
+        )
+        return out.unsqueeze(1)
+
+    def _full(self, role: Role) -> dict[str, torch.Tensor]:
+        return {**self.fields[role], **self.empty[role]}
+
+    def _lengths(self, b: int, n: int) -> torch.Tensor:
+        """``[B]`` int32 on the device, cached: no host-to-device copy per step and layer."""
+        key = (b, n)
+        if key not in self._len:
+            if len(self._len) > 64:
+                self._len.clear()
+            self._len[key] = torch.full((b,), n, dtype=torch.int32, device=self.device)
+        return self._len[key]
+
+    def slack_nbytes(self) -> int:
+        """Bytes allocated past the stored tokens (held, though no block uses them yet)."""
+        total = sum(t.numel() * t.element_size() for f in self.fields.values() for t in f.values())
+        used = sum(
+            t.numel() * t.element_size() * self.n // max(self.cap, 1)
+            for f in self.fields.values()
+            for t in f.values()
+        )
+        return total - used
+
+
+def check_mode(mode: str, device: torch.device) -> None:
+    """``kernels=triton`` on CPU tensors needs Triton's interpreter."""
+    if mode == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise InputError(
+            "cache:kernels=triton on a CPU model needs TRITON_INTERPRET=1 (the Triton interpreter); "
+            "use kernels=auto (Triton on CUDA, PyTorch elsewhere) or kernels=torch"
+        )
