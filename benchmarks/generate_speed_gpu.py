@@ -58,13 +58,15 @@ def run_one(model, ids: torch.Tensor, name: str, steps: int) -> tuple[dict[str, 
         _sync()
         prefill = time.perf_counter() - t
         nxt = out.logits[:, -1:].argmax(-1)
-        tokens, times = [nxt], []
+        tokens, times, first = [nxt], [], None
         for step in range(steps + 2):
             _sync()
             t = time.perf_counter()
             out = model(input_ids=nxt, past_key_values=cache)
             nxt = out.logits[:, -1:].argmax(-1)
             _sync()
+            if first is None:
+                first = out.logits[:, -1].float().cpu()  # the first decode step: compares the two paths
             if step >= 2:
                 times.append(time.perf_counter() - t)
             tokens.append(nxt)
@@ -86,6 +88,7 @@ def run_one(model, ids: torch.Tensor, name: str, steps: int) -> tuple[dict[str, 
         "bytes": held,
         "peak_mib": (torch.cuda.max_memory_allocated() - base) / 2**20,
     }
+    row["first_logits"] = first
     del cache, out
     return row, torch.cat(tokens, 1).cpu()
 
@@ -102,16 +105,18 @@ def markdown(data: dict[str, Any]) -> str:
         "`kernels=auto` rows decode with one Triton launch per layer over a contiguous packed store; "
         "`kernels=torch` rows read packed blocks chunk by chunk in PyTorch. ratio = DynamicCache fp16 "
         "bytes / bytes held; agree = fraction of greedy tokens equal to DynamicCache's; "
-        "paths agree = kernel vs torch path of the same spec.\n",
+        "paths agree = kernel vs torch path of the same spec; logit diff = their first decode step's max "
+        "|Δlogit| / max |logit|.\n",
         "| B | L | method | path | step ms | tok/s | × Dynamic | × torch path | prefill s | ratio | peak MiB "
-        "| agree | paths agree |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| agree | paths agree | logit diff |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in data["rows"]:
         md.append(
             f"| {r['B']} | {r['L']} | `{r['spec']}` | {r['path']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} "
             f"| {r['vs_dynamic']:.2f} | {r.get('vs_torch_path', float('nan')):.2f} | {r['prefill_s']:.2f} "
-            f"| {r['ratio']:.2f} | {r['peak_mib']:.0f} | {r['agree']:.2f} | {r.get('paths_agree', float('nan')):.2f} |"
+            f"| {r['ratio']:.2f} | {r['peak_mib']:.0f} | {r['agree']:.2f} | {r.get('paths_agree', float('nan')):.2f} "
+            f"| {r.get('first_step_rel_diff', float('nan')):.1e} |"
         )
     return "\n".join(md) + "\n"
 
@@ -189,6 +194,7 @@ def main() -> None:
         print(f"B={b} L={ell}", flush=True)
         dyn, dyn_tokens = run_one(model, ids, "DynamicCache", args.steps)
         dyn.update(spec="DynamicCache", path="sdpa", vs_dynamic=1.0, ratio=1.0, agree=1.0)
+        dyn.pop("first_logits")
         rows.append(dyn)
         for spec in specs:
             pair = {}
@@ -209,8 +215,15 @@ def main() -> None:
                     flush=True,
                 )
             (rt, tt), (rk, tk) = pair["torch"], pair["triton"]
-            rk["vs_torch_path"] = rk["tokens_per_s"] / rt["tokens_per_s"]
+            if rk["kernel"]:
+                rk["vs_torch_path"] = rk["tokens_per_s"] / rt["tokens_per_s"]
             rk["paths_agree"] = agree(tt, tk)
+            diff = (rk["first_logits"] - rt["first_logits"]).abs().max() / rt["first_logits"].abs().max()
+            rk["first_step_rel_diff"] = float(diff)
+            print(
+                f"  first decode step, kernel vs torch path: max rel logit diff {float(diff):.2e}", flush=True
+            )
+            rt.pop("first_logits"), rk.pop("first_logits")
         data["rows"] = rows
         os.makedirs(args.out, exist_ok=True)
         short = device.split()[1].lower() if len(device.split()) > 1 else "gpu"  # "NVIDIA H100 ..." -> h100

@@ -168,6 +168,8 @@ def main() -> int:
     ap.add_argument(
         "--max-minutes", type=float, default=0.0, help="stop before a case round that would end past this"
     )
+    ap.add_argument("--levels", default="4,8", help="compression levels to run (of 4,8)")
+    ap.add_argument("--stem", default="", help="output file stem (default longbench-smollm2)")
     ap.add_argument(
         "--resume",
         action="store_true",
@@ -177,17 +179,21 @@ def main() -> int:
     ap.add_argument("--render", action="store_true", help="only re-render md/png from the JSON in --out")
     args = ap.parse_args()
     out = Path(args.out)
+    stem = (args.stem or STEM) + ("-smoke" if args.smoke else "")
     if args.render:
-        print(render(json.loads((out / f"{STEM}.json").read_text()), out))
+        print(render(json.loads((out / f"{stem}.json").read_text()), out, stem))
         return 0
     override = tuple(int(x) for x in args.lengths.split(",") if x.strip())
     cases_n = args.cases
-    stem = STEM + ("-smoke" if args.smoke else "")
     if args.smoke:
         override, cases_n = (512,), 1
     extra = [s.strip() for s in args.candidates.split(";") if s.strip()]
     # canonical names, as the rows print them
-    levels = {k: (r, [build_longbench_method(x).name for x in c + extra]) for k, (r, c) in LEVELS.items()}
+    wanted = {int(x) for x in args.levels.split(",") if x.strip()}
+    if not wanted or not wanted <= set(LEVELS):
+        raise SystemExit(f"--levels: expected a subset of {sorted(LEVELS)}, got {args.levels!r}")
+    chosen = {k: v for k, v in LEVELS.items() if k in wanted}
+    levels = {k: (r, [build_longbench_method(x).name for x in c + extra]) for k, (r, c) in chosen.items()}
     if not kvpress_available():
         print(
             "kvpress is not installed: kvpress rows are skipped (pip install --no-deps kvpress)",

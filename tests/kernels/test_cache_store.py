@@ -114,10 +114,10 @@ def test_store_views_hold_what_the_codec_encodes(spec: str) -> None:
 
 
 def test_memory_report_counts_store_slack(model) -> None:
-    """Capacity grows by an eighth once that exceeds a block: the unused tail is reported held."""
+    """Capacity grows by a 32nd once that exceeds a block: the unused tail is reported held."""
     ids = torch.randint(1, 97, (1, 200), generator=torch.Generator().manual_seed(4))
-    _, torch_cache = _run(model, "int4+cache:window=8,block=16,kernels=torch", ids, torch.ones_like(ids), 17)
-    _, cache = _run(model, "int4+cache:window=8,block=16,kernels=triton", ids, torch.ones_like(ids), 17)
+    _, torch_cache = _run(model, "int4+cache:window=8,block=4,kernels=torch", ids, torch.ones_like(ids), 6)
+    _, cache = _run(model, "int4+cache:window=8,block=4,kernels=triton", ids, torch.ones_like(ids), 6)
     assert cache.layers[0].store.cap > cache.layers[0].store.n
     slack = sum(layer.store.slack_nbytes() for layer in cache.layers)
     assert slack > 0

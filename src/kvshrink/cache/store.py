@@ -64,7 +64,7 @@ class PackedStore:
     """Contiguous packed fields ``[B, Hkv, capacity / per, ...]`` of one layer's blocks.
 
     ``per[role][field]``: tokens per stored row of a field (1 for per-token codes and norms,
-    KIVI's group for its per-channel key scales). Capacity grows by an eighth (at least a block)
+    KIVI's group for its per-channel key scales). Capacity grows by a 32nd (at least a block)
     and the unused tail is reported as held (:meth:`slack_nbytes`).
     """
 
@@ -131,7 +131,9 @@ class PackedStore:
             buf[:, :, start // per : (start + t) // per].copy_(src.reshape(b, h, *src.shape[1:]))
 
     def _grow(self, need: int, blocks: list[Segment]) -> None:
-        step = max(self.block, self.cap // 8)
+        # the first allocation (the prompt) is exact; later ones add a 32nd (at least a block):
+        # at most ~3% held unused, and a copy of the store every 32nd of its size in tokens
+        step = max(self.block, self.cap // 32) if self.cap else 0
         cap = max(need, self.cap + step)
         cap = math.ceil(cap / self.block) * self.block
         for role in _ROLES:
