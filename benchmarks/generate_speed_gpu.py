@@ -93,6 +93,35 @@ def run_one(model, ids: torch.Tensor, name: str, steps: int) -> tuple[dict[str, 
     return row, torch.cat(tokens, 1).cpu()
 
 
+def profile(model, ids_all: torch.Tensor, shape: tuple[int, int], spec: str, steps: int) -> None:
+    """Where a decode step's host time goes (the GPU is idle-bound at small batch)."""
+    import cProfile
+    import pstats
+
+    b, ell = shape
+    ids = ids_all[: b * ell].view(b, ell).cuda()
+    for name in ("DynamicCache", spec):
+        cache = DynamicCache(config=model.config) if name == "DynamicCache" else CompressedCache(model, name)
+        with torch.no_grad(), sdpa_kernel(_BACKENDS):
+            out = model(input_ids=ids, past_key_values=cache, logits_to_keep=1)
+            nxt = out.logits[:, -1:].argmax(-1)
+            for _ in range(3):
+                out = model(input_ids=nxt, past_key_values=cache)
+            _sync()
+            prof = cProfile.Profile()
+            t = time.perf_counter()
+            prof.enable()
+            for _ in range(steps):
+                out = model(input_ids=nxt, past_key_values=cache)
+            _sync()
+            prof.disable()
+        print(
+            f"== {name}: {1000 * (time.perf_counter() - t) / steps:.1f} ms/step under the profiler",
+            flush=True,
+        )
+        pstats.Stats(prof).sort_stats("cumtime").print_stats(35)
+
+
 def agree(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a == b).float().mean())
 
@@ -163,6 +192,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--out", default="docs/results")
     ap.add_argument("--render", help="only rewrite .md/.png from this saved .json")
+    ap.add_argument(
+        "--profile", help="cProfile the host side of decode steps of this cache spec (first shape)"
+    )
     args = ap.parse_args()
     if args.render:
         with open(args.render) as f:
@@ -181,6 +213,9 @@ def main() -> None:
     ids_all = tok(text[: 6 * need], return_tensors="pt").input_ids[0]
     specs = args.specs.split(";")
     device = torch.cuda.get_device_name()
+    if args.profile:
+        profile(model, ids_all, shapes[0], args.profile, args.steps)
+        return
     data: dict[str, Any] = {
         "device": device,
         "model": args.model,

@@ -34,7 +34,8 @@ def test_kivi_4_beats_kivi_2(seed: int, role: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("spec", "bits"), [("int8", 8 + 16 / 32), ("int8:group=0", 8 + 16 / 64), ("int4", 4 + 16 / 32), ("int4:group=16", 4 + 1)]
+    ("spec", "bits"),
+    [("int8", 8 + 16 / 32), ("int8:group=0", 8 + 16 / 64), ("int4", 4 + 16 / 32), ("int4:group=16", 4 + 1)],
 )
 def test_exact_size_per_token(spec: str, bits: float) -> None:
     x = gaussian_kv(0, (3, 5, 64))

@@ -242,9 +242,10 @@ class CompressedLayer(CacheLayerMixin):
                     f"attention_mask covers {mask2d.shape[-1]} tokens but the sequence has {self.seen}; "
                     "pass the 2-D mask of the whole sequence (past tokens included)"
                 )
-            new_valid = mask2d[:, start : self.seen]
-            if bool(new_valid.all()):
-                new_valid = None
+            if pad_read:  # some column is hidden: look at this forward's (a GPU sync, so only then)
+                new_valid = mask2d[:, start : self.seen]
+                if bool(new_valid.all()):
+                    new_valid = None
         pos = qcols.to(torch.int32).view(1, 1, nq)
         if new_valid is not None:
             pos = pos.expand(self.batch, 1, nq).masked_fill(~new_valid[:, None], -1)
@@ -253,12 +254,10 @@ class CompressedLayer(CacheLayerMixin):
         )
         if self._kernel_step(nq, new_valid, pad_read):
             assert self.store is not None
+            self._commit(new, new_valid, None)  # the new token joins the window (which may flush)
             w = self.window
-            wk = k_new if w is None or not w.size else torch.cat([w.k, k_new], dim=2)  # type: ignore[list-item]
-            wv = v_new if w is None or not w.size else torch.cat([w.v, v_new], dim=2)  # type: ignore[list-item]
-            out = self.store.attend(query, scaling, wk, wv).to(query.dtype)
-            self._commit(new, new_valid, None)
-            return out
+            window = (w.k, w.v) if w is not None and w.size else None
+            return self.store.attend(query, scaling, window).to(query.dtype)  # type: ignore[arg-type]
         pad2d = mask2d if pad_read else None
         sources = [*self.segments(), new]
 

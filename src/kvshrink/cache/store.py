@@ -187,9 +187,11 @@ class PackedStore:
         self._review(blocks)
 
     # -- reading -----------------------------------------------------------------------------
-    def attend(self, query: torch.Tensor, scaling: float, wk: torch.Tensor, wv: torch.Tensor) -> torch.Tensor:
-        """Decode attention of ``query`` ``[B, H, 1, D]`` over the store plus the window
-        ``wk``/``wv`` ``[B, Hkv, W, D]`` (the new token included). Returns ``[B, 1, H, D]``."""
+    def attend(
+        self, query: torch.Tensor, scaling: float, window: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
+        """Decode attention of ``query`` ``[B, H, 1, D]`` over the store plus the full-precision
+        window ``(k, v)`` ``[B, Hkv, W, D]`` (the new token included). Returns ``[B, 1, H, D]``."""
         from ..kernels.decode_attn import Window, decode_attention
 
         b = query.shape[0]
@@ -204,16 +206,19 @@ class PackedStore:
             )
             for r in _ROLES
         ]
-        window = Window(wk.to(torch.float16), wv.to(torch.float16), self._lengths(b, wk.shape[2]))
+        win = None
+        if window is not None:
+            wk, wv = window
+            win = Window(wk.to(torch.float16), wv.to(torch.float16), self._lengths(b, wk.shape[2]))
         out = decode_attention(
             query[:, :, 0],
             packed[0],
             packed[1],
             self._lengths(b, self.n),
-            window,
+            win,
             codec=self.codec,
             scale=scaling,
-            backend="triton" if self.force else "auto",
+            backend="triton",  # validated when the store was made (kernel_unsupported)
         )
         return out.unsqueeze(1)
 

@@ -18,6 +18,7 @@ a word even when it straddles a byte.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -114,8 +115,19 @@ def _is_vq(codec: Codec) -> bool:
     return callable(getattr(codec, "codebook", None)) and callable(getattr(codec, "rotation", None))
 
 
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def layout_of(codec: Codec, role: Role, d: int) -> CodeLayout:
-    """The layout of ``codec``'s packed ``role`` tensors at head dim ``d``."""
+    """The layout of ``codec``'s packed ``role`` tensors at head dim ``d`` (memoized per codec:
+    a decode step asks for it once per layer, and it costs a codebook lookup)."""
+    per = _LAYOUTS.setdefault(codec, {})
+    if (role, d) not in per:
+        per[(role, d)] = _layout_of(codec, role, d)
+    return per[(role, d)]
+
+
+def _layout_of(codec: Codec, role: Role, d: int) -> CodeLayout:
     name = codec.config.name
     if _is_vq(codec):
         n, vec = codec.codebook(d, role).shape  # type: ignore[attr-defined]
