@@ -10,7 +10,13 @@ from kvshrink.core import SpecError
 from kvshrink.core.bytes import fp16_nbytes
 from kvshrink.eval.capture import capture
 from kvshrink.eval.frontier import FrontierConfig, run_frontier
-from kvshrink.eval.layerwise import LayerwiseMethod, format_layers, parse_layer_plan, parse_layers
+from kvshrink.eval.layerwise import (
+    LayerwiseMethod,
+    format_layers,
+    parse_layer_plan,
+    parse_layers,
+    shared_parts,
+)
 from kvshrink.eval.methods import CodecMethod, build_method, family
 from tests.policies.tiny import VOCAB, tiny_llama
 
@@ -116,7 +122,8 @@ def test_frontier_counts_packed_and_shared_bytes_honestly(model) -> None:
         return tokens * (d * b / 8 + 2)
 
     per_window = (packed(3) * 2) + packed(2) * 2 * 2 + (packed(2) + packed(1))
-    shared = sum(make_codec(s).shared_nbytes(d) for s in (hi, lo, "fibquant:b=2,k=4"))
+    rotation = make_codec(hi).rotation(d).nbytes  # one seed: the three codecs hold one rotation
+    shared = sum(make_codec(s).shared_nbytes(d) for s in (hi, lo, "fibquant:b=2,k=4")) - 2 * rotation
     fp16 = fp16_nbytes(2 * LAYERS * tokens * d)
     assert rows[spec]["compression_ratio"] == pytest.approx(fp16 / (per_window + shared))
     assert LayerwiseMethod(spec).shared_nbytes(d) == shared
@@ -136,3 +143,26 @@ def test_a_plan_equal_to_its_base_measures_like_the_base(model) -> None:
     for key in ("compression_ratio", "attn_cosine", "ppl", "kl", "key_rel_mse"):
         assert a[key] == b[key]
     assert family(spec) == "int4 per-layer" and family("fibquant:b=2,k=4,sinks=1") == "fibquant k=4 (sinks=1)"
+
+
+def test_shared_state_is_split_into_parts_held_once() -> None:
+    d = 32
+    for spec in (
+        "fibquant:b=2,k=4,kb=1.5,vb=1",
+        "fibquant:b=2,k=4",
+        "turboquant:b=2,qjl=1",
+        "int4",
+        "kivi:b=2",
+    ):
+        codec = make_codec(spec)
+        assert sum(shared_parts(codec, d).values()) == codec.shared_nbytes(d), spec
+    base, other = make_codec("fibquant:b=2,k=4"), make_codec("fibquant:b=2,k=4,kb=1.5,vb=1")
+    rot = base.rotation(d).nbytes
+    book = {b: make_codec(f"fibquant:b={b},k=4").codebook(d).numel() * 4 for b in (1, 1.5, 2)}
+    # kb=1.5,vb=1 beside b=2: same rotation, three distinct codebooks
+    same_seed = LayerwiseMethod("layers:at=[0],codec=[fibquant:b=2,k=4,kb=1.5,vb=1]+fibquant:b=2,k=4")
+    assert same_seed.shared_nbytes(d) == rot + sum(book.values())
+    assert same_seed.shared_nbytes(d) < base.shared_nbytes(d) + other.shared_nbytes(d)
+    # another seed is another rotation and other codebooks: nothing shared
+    seeded = LayerwiseMethod("layers:at=[0],codec=[fibquant:b=2,k=4,seed=1]+fibquant:b=2,k=4")
+    assert seeded.shared_nbytes(d) == 2 * base.shared_nbytes(d)

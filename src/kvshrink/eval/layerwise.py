@@ -15,18 +15,21 @@ without its own ``seed`` takes the base codec's: one rotation seed per cache, so
 every layer. A (layer, role) named by two tiers, a layer past the model's last, or an unknown
 codec is a one-line :class:`SpecError`.
 
-Bytes: each layer's packed bytes come from its own codec; shared state (codebooks, rotations) is
-counted once per distinct codec the spec names, even where two codecs could share a rotation.
+Bytes: each layer's packed bytes come from its own codec; the shared state of every codec the spec
+names (codebooks, rotations) is counted once, and a tensor two codecs share (the rotation of one
+seed, a codebook) once (:func:`shared_parts`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..codecs import CODECS, Codec, CodecConfig, Role, make_codec
+from ..codecs.rotated import RotatedCodec
 from ..core.errors import SpecError
 from ..core.spec import SpecConfig, build_config, parse_stage, split_stages
 from .capture import LayerCapture
@@ -40,6 +43,7 @@ __all__ = [
     "is_layerwise",
     "parse_layer_plan",
     "parse_layers",
+    "shared_parts",
 ]
 
 NAME = "layers"
@@ -206,6 +210,32 @@ def parse_layer_plan(spec: str) -> LayerPlan:
     return LayerPlan(base, overrides)
 
 
+def shared_parts(codec: Codec, d: int) -> dict[tuple[Any, ...], int]:
+    """A codec's shared state as named parts, so that codecs holding the same tensor count it once.
+
+    Why: tiers at other rates of the same family share the seeded rotation (and a codebook where
+    two rates coincide); counting each codec whole would charge a per-layer plan ~16 KB per tier
+    for a matrix the cache holds once. Rotations are named by (kind, d, seed), which is all
+    ``make_rotation`` depends on; codebooks by their contents. Whatever else a codec holds
+    (TurboQuant's QJL matrix) stays one part per codec. The parts of one codec sum to its
+    ``shared_nbytes``.
+    """
+    total = codec.shared_nbytes(d)
+    if not isinstance(codec, RotatedCodec):
+        return {("codec", codec.spec): total}
+    cfg = codec.config
+    rot = codec.rotation(d).nbytes
+    parts: dict[tuple[Any, ...], int] = {("rotation", cfg.rot, d, cfg.seed): rot}
+    for role in _ROLES:
+        book = codec.codebook(d, role).contiguous()
+        digest = hashlib.sha256(book.numpy().tobytes()).hexdigest()
+        parts[("codebook", tuple(book.shape), digest)] = book.numel() * book.element_size()
+    rest = total - sum(parts.values())
+    if rest:
+        parts[("codec", codec.spec)] = rest
+    return parts
+
+
 class LayerwiseMethod:
     """A frontier method giving each layer and role its own codec (see the module docstring).
 
@@ -222,7 +252,10 @@ class LayerwiseMethod:
         return str(self.plan)
 
     def shared_nbytes(self, d: int) -> int:
-        return sum(c.shared_nbytes(d) for c in self.codecs.values())
+        parts: dict[tuple[Any, ...], int] = {}
+        for codec in self.codecs.values():
+            parts.update(shared_parts(codec, d))
+        return sum(parts.values())
 
     def compress_layers(self, layers: Sequence[LayerCapture]) -> list[LayerResult]:
         out = []
