@@ -266,18 +266,34 @@ def allocate(sens: dict, avg_bits: float, rates: tuple[float, ...]) -> dict[tupl
         alloc[best] = nxt
 
 
-def alloc_spec(alloc: dict, n_layers: int, template: str, base: tuple[float, float]) -> str:
-    """Per-layer spec of an allocation: layers sharing a (key, value) rate pair share one codec."""
+def alloc_spec(alloc: dict, n_layers: int, template: str) -> str:
+    """Per-layer spec of an allocation: layers sharing a (key, value) rate pair share one codec,
+    the most common pair is the base codec."""
     from kvshrink.eval.layerwise import format_layers, parse_layer_plan
 
     groups: dict[tuple[float, float], list[int]] = {}
     for li in range(n_layers):
         groups.setdefault((alloc[("key", li)], alloc[("value", li)]), []).append(li)
-    parts = []
-    for (kb, vb), layers in groups.items():
-        if (kb, vb) != base:
-            parts.append(f"layers:at=[{format_layers(layers)}],codec=[{template.format(kb=kb, vb=vb)}]")
+    base = max(groups, key=lambda p: (len(groups[p]), p))
+    parts = [
+        f"layers:at=[{format_layers(layers)}],codec=[{template.format(kb=kb, vb=vb)}]"
+        for (kb, vb), layers in groups.items()
+        if (kb, vb) != base
+    ]
     return str(parse_layer_plan("+".join([*parts, template.format(kb=base[0], vb=base[1])])))
+
+
+def code_bits(ratio: float, template: str, d: int, context: int) -> float:
+    """Average code bits per coordinate that give ``ratio`` vs fp16 with the template's fp16 tokens.
+
+    A coded vector holds codes plus an fp16 norm (16/d bits per coordinate); ``sinks + window``
+    tokens of each ``context`` stay fp16. Shared codebooks (~1%) are left to the measurement.
+    """
+    from kvshrink.core.spec import parse_stage
+
+    opts = dict(parse_stage(template.format(kb=2, vb=2)).options)
+    f = (int(opts.get("sinks", 0)) + int(opts.get("window", 0))) / context
+    return (16 / ratio - 16 * f) / (1 - f) - 16 / d
 
 
 def measure_specs(args, out: Path) -> int:
@@ -372,10 +388,9 @@ def main() -> int:
         sens = sensitivity(data)
         rates = tuple(sorted(float(r) for r in args.rates.split(",")))
         for ratio in args.ratio or [5.6, 7.0]:
-            # fp16 = 16 bits; each coded vector adds its fp16 norm (16/d bits per coordinate, d = 64)
-            avg = 16 / ratio - 16 / 64
+            avg = code_bits(ratio, args.template, 64, data["context"])
             alloc = allocate(sens, avg, rates)
-            spec = alloc_spec(alloc, data["n_layers"], args.template, (2.0, 2.0))
+            spec = alloc_spec(alloc, data["n_layers"], args.template)
             pred = sum(s * 2.0 ** (-sl * alloc[t]) for t, (s, sl) in sens.items())
             print(f"# ~{ratio}x: {avg:.3f} bits/coordinate, predicted summed KL {pred:.4f}\n{spec}")
         return 0
