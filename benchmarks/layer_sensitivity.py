@@ -296,6 +296,29 @@ def code_bits(ratio: float, template: str, d: int, context: int) -> float:
     return (16 / ratio - 16 * f) / (1 - f) - 16 / d
 
 
+def alloc_markdown(data: dict) -> str:
+    """The allocation table, widest compression first; ``uniform`` rows are the one-rate references."""
+    from kvshrink.eval.layerwise import is_layerwise
+
+    lines = [
+        "# Per-layer rate allocations vs one rate for every layer, SmolLM2-135M",
+        "",
+        f"Frontier harness, context {data['context']}, {data['windows']} windows x 1 rotation seed, {data['continuation']} "
+        f"teacher-forced tokens; baseline perplexity {data['baseline_ppl']:.3f}. Δppl ± standard error over windows. "
+        f'Specs from `benchmarks/layer_sensitivity.py --allocate`; regenerate with `--measure "spec;..."`.',
+        "",
+        "| kind | spec | ratio | Δppl ± se | KL | attn cos |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in sorted(data["rows"], key=lambda r: -r["compression_ratio"]):
+        kind = "per-layer" if is_layerwise(r["method"]) else "uniform"
+        lines.append(
+            f"| {kind} | `{r['method']}` | {r['compression_ratio']:.2f}x | {r['ppl_delta']:+.3f} ± {r['ppl_delta_se']:.3f} | "
+            f"{r['kl']:.4f} | {r['attn_cosine']:.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def measure_specs(args, out: Path) -> int:
     """Allocations beside the uniform rows they compete with, on the same windows (one capture each)."""
     from kvshrink.data import load_text
@@ -322,24 +345,10 @@ def measure_specs(args, out: Path) -> int:
         done = {r["method"] for r in data["rows"]}
         data["rows"] = [r for r in old["rows"] if r["method"] not in done] + data["rows"]
         data["seconds"] += old.get("seconds", 0.0)
-    lines = [
-        "# Per-layer rate allocations vs one rate for every layer, SmolLM2-135M",
-        "",
-        f"Frontier harness, context {cfg.context}, {cfg.windows} windows x 1 rotation seed, {cfg.continuation} "
-        f"teacher-forced tokens; baseline perplexity {data['baseline_ppl']:.3f}. Δppl ± standard error over windows. "
-        f'Specs from `benchmarks/layer_sensitivity.py --allocate`; regenerate with `--measure "spec;..."`.',
-        "",
-        "| spec | ratio | Δppl ± se | KL | attn cos |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for r in data["rows"]:
-        lines.append(
-            f"| `{r['method']}` | {r['compression_ratio']:.2f}x | {r['ppl_delta']:+.3f} ± {r['ppl_delta_se']:.3f} | "
-            f"{r['kl']:.4f} | {r['attn_cosine']:.4f} |"
-        )
     write_json(out / f"{ALLOC}.json", data)
-    atomic_write(out / f"{ALLOC}.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    md = alloc_markdown(data)
+    atomic_write(out / f"{ALLOC}.md", md)
+    print(md)
     return 0
 
 
