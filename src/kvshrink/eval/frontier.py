@@ -175,7 +175,7 @@ def run_frontier(
             else:
                 cache = copy.deepcopy(cap.cache)
                 st.held_bytes += method.shared_nbytes(d)
-                results = [method.compress(layer) for layer in cap.layers]
+                results = method.compress_layers(cap.layers)
             for i, (layer, res) in enumerate(zip(cap.layers, results)):
                 st.held_bytes += res.nbytes
                 st.fp16_bytes += fp16_nbytes(layer.k.numel() + layer.v.numel())
