@@ -70,8 +70,12 @@ FRONTIER = [
 TARGETS = {
     "turboquant b=2": "turboquant:b=2",
     "fibquant b=2 k=4": "fibquant:b=2,k=4",
-    "best at ~7x": "fibquant:b=2,k=4,kb=2.5,vb=1.5,sinks=1,prerope=1",
-    "best at >=5.5x": "fibquant:b=2.5,k=4,kb=3,vb=2,sinks=1,prerope=1",
+    # per-layer rates from the sensitivity study (benchmarks/layer_sensitivity.py,
+    # docs/results/layer-allocation-smollm2.md), and the best one-rate configs beside them
+    "best at ~7x": "layers:at=[0],codec=[fibquant:b=2,k=4,kb=1.5,vb=2.5,sinks=1,prerope=1]+layers:at=[1],codec=[fibquant:b=2,k=4,vb=3,sinks=1,prerope=1]+layers:at=[2,4,5,12,14,22,27],codec=[fibquant:b=2,k=4,kb=2.5,vb=1,sinks=1,prerope=1]+layers:at=[3,15,17-20,23],codec=[fibquant:b=2,k=4,kb=3,vb=1.5,sinks=1,prerope=1]+layers:at=[6],codec=[fibquant:b=2,k=4,vb=1,sinks=1,prerope=1]+layers:at=[7],codec=[fibquant:b=2,k=4,kb=2.5,vb=1.5,sinks=1,prerope=1]+layers:at=[8],codec=[fibquant:b=2,k=4,kb=2.5,sinks=1,prerope=1]+layers:at=[24],codec=[fibquant:b=2,k=4,kb=3,sinks=1,prerope=1]+layers:at=[28],codec=[fibquant:b=2,k=4,vb=1.5,sinks=1,prerope=1]+layers:at=[29],codec=[fibquant:b=2,k=4,kb=1.5,vb=1,sinks=1,prerope=1]+fibquant:b=2,k=4,kb=3,vb=1,sinks=1,prerope=1",
+    "best at >=5.5x": "layers:at=[0],codec=[fibquant:b=2,k=4,kb=2.5,vb=3,sinks=1,window=16,prerope=1]+layers:at=[1],codec=[fibquant:b=2,k=4,kb=3,vb=3,sinks=1,window=16,prerope=1]+layers:at=[4,9,11-13,16,22,25,27],codec=[fibquant:b=2,k=4,kb=3,vb=1.5,sinks=1,window=16,prerope=1]+layers:at=[7,8,17-20,23,24],codec=[fibquant:b=2,k=4,kb=3,vb=2.5,sinks=1,window=16,prerope=1]+layers:at=[28],codec=[fibquant:b=2,k=4,kb=2.5,sinks=1,window=16,prerope=1]+layers:at=[29],codec=[fibquant:b=2,k=4,kb=2.5,vb=1.5,sinks=1,window=16,prerope=1]+fibquant:b=2,k=4,kb=3,sinks=1,window=16,prerope=1",
+    "one rate at ~7x": "fibquant:b=2,k=4,kb=2.5,vb=1.5,sinks=1,prerope=1",
+    "one rate at >=5.5x": "fibquant:b=2.5,k=4,kb=3,vb=2,sinks=1,window=16,prerope=1",
     "hf-quanto b=4": "hf-quanto:b=4",
     "hf-quanto b=2": "hf-quanto:b=2",
 }
@@ -195,9 +199,7 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way)")
     ap.add_argument("--dump-ids", default=None, help="write the essays' token ids to this .npy and exit")
     ap.add_argument("--render", action="store_true", help="only re-render md/png from the JSON in --out")
-    ap.add_argument(
-        "--candidates", default="", help='extra target rows, "spec;spec" (searched for the best configs)'
-    )
+    ap.add_argument("--candidates", default="", help='extra target rows, "spec;spec" or @file (one per line)')
     args = ap.parse_args()
     if args.smoke:
         args.context, args.frontier_windows, args.target_windows, args.seeds = 256, 2, 2, 2
@@ -247,7 +249,11 @@ def main() -> int:
                 pass
         return md
 
-    for spec in filter(None, (x.strip() for x in args.candidates.split(";"))):
+    cands = args.candidates
+    if cands.startswith("@"):  # a file, one spec per line ('#' comments): long per-layer specs
+        lines = Path(cands[1:]).read_text().splitlines()
+        cands = ";".join(x for x in lines if x.strip() and not x.lstrip().startswith("#"))
+    for spec in filter(None, (x.strip() for x in cands.split(";"))):
         TARGETS[f"candidate {spec}"] = spec
     # targets first: they carry the issue's claims; each phase is written as soon as it ends
     if args.phase in ("targets", "both"):
