@@ -153,11 +153,25 @@ def targets_markdown(agg: list[dict], base_ppl: float, cfg: FrontierConfig, seed
         "| target | method | ratio | attn cos | Δppl ± se | seed sd | KL |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
+    long: list[tuple[str, str]] = []  # per-layer plans run to ~800 characters: listed below the table
     for r in agg:
+        target, method = r["target"], f"`{r['method']}`"
+        if len(r["method"]) > 120:
+            ref = f"[P{len(long) + 1}]"
+            long.append((ref, r["method"]))
+            method = ref
+            target = target if not target.startswith("candidate ") else f"candidate {ref}"
         lines.append(
-            f"| {r['target']} | `{r['method']}` | {r['compression_ratio']:.2f}x | {r['attn_cosine']:.4f} | "
+            f"| {target} | {method} | {r['compression_ratio']:.2f}x | {r['attn_cosine']:.4f} | "
             f"{r['ppl_delta']:+.3f} ± {r['ppl_delta_se']:.3f} | {r['ppl_delta_seed_sd']:.3f} | {r['kl']:.4f} |"
         )
+    if long:
+        lines += [
+            "",
+            "Per-layer plans (`layers:at=[..],codec=[..]+BASE`, from `benchmarks/layer_sensitivity.py`):",
+            "",
+        ]
+        lines += [f"- {ref}: `{spec}`" for ref, spec in long]
     return "\n".join(lines) + "\n"
 
 
