@@ -281,10 +281,8 @@ def attend_own_tokens(
         return _own_tokens_cuda(state, k, v, pos, sliding)
     if _FUSED is None or k.device.type != "cpu":
         return False
-    b, hk, g, nq = state.shape
-    q = state.q.reshape(b, hk * g, nq, -1)
-    kr = k.float()[:, :, None].expand(b, hk, g, nq, k.shape[-1]).reshape(b, hk * g, nq, -1)
-    vr = v.float()[:, :, None].expand(b, hk, g, nq, v.shape[-1]).reshape(b, hk * g, nq, -1)
+    nq = state.shape[3]
+    q, kr, vr = _per_query_head(state, k, v)
     padded = bool((pos < 0).any())
     parts = []
     for r0 in range(0, nq, tile):
@@ -314,18 +312,28 @@ def attend_own_tokens(
     return True
 
 
+def _per_query_head(
+    state: OnlineSoftmax, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries ``[B, H, Q, D]`` and float32 keys/values repeated per query head (the fused SDPA
+    ops take no GQA grouping)."""
+    b, hk, g, nq = state.shape
+    q = state.q.reshape(b, hk * g, nq, -1)
+    kr = k.float()[:, :, None].expand(b, hk, g, nq, k.shape[-1]).reshape(b, hk * g, nq, -1)
+    vr = v.float()[:, :, None].expand(b, hk, g, nq, v.shape[-1]).reshape(b, hk * g, nq, -1)
+    return q, kr, vr
+
+
 def _own_tokens_cuda(
     state: OnlineSoftmax, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, sliding: int | None
 ) -> bool:
     """The CUDA counterpart: one causal memory-efficient SDPA call in fp32 (it returns the
     log-sum-exp). Padding and sliding windows need a mask: those forwards take the generic path."""
     op = getattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", None)
-    b, hk, g, nq = state.shape
+    nq = state.shape[3]
     if op is None or sliding is not None or k.shape[-1] != v.shape[-1] or bool((pos < 0).any()):
         return False
-    q = state.q.reshape(b, hk * g, nq, -1)
-    kr = k.float()[:, :, None].expand(b, hk, g, nq, k.shape[-1]).reshape(b, hk * g, nq, -1)
-    vr = v.float()[:, :, None].expand(b, hk, g, nq, v.shape[-1]).reshape(b, hk * g, nq, -1)
+    q, kr, vr = _per_query_head(state, k, v)
     try:
         out, lse = op(q, kr, vr, None, True, 0.0, True, scale=1.0)[:2]
     except RuntimeError:  # pragma: no cover - a build whose kernel refuses these inputs
