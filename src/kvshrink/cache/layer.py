@@ -34,7 +34,7 @@ from .lut import LUT_MAX_ROWS, lut_group
 from .pages import make_page_table, narrow
 from .precision import demote, low_slots
 from .segment import Segment, cat_dense, decode_packed_group, encode_segment
-from .store import PackedStore, check_mode, kernel_unsupported
+from .store import PackedStore, make_store
 
 __all__ = ["CompressedLayer"]
 
@@ -95,43 +95,10 @@ class CompressedLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.batch, self.heads = key_states.shape[0], key_states.shape[1]
         self.seen_valid = torch.zeros(self.batch, dtype=torch.long, device=self.device)
-        self.store = self._make_store(key_states, value_states)
-        self.is_initialized = True
-
-    def _make_store(self, k: torch.Tensor, v: torch.Tensor) -> PackedStore | None:
-        """A store when decode steps can go through the Triton kernel (see :mod:`.store`)."""
-        mode = self.config.kernels
-        if mode == "torch" or (mode == "auto" and not k.is_cuda) or self.is_sliding:
-            return None  # sliding layers drop blocks from the front: the reference path reads them
-        if mode == "auto":
-            from ..kernels.decode_attn import triton_available
-
-            if not triton_available():
-                return None
-        check_mode(mode, k.device)
-        why = None
-        if self.policy is not None:
-            why = f"token policy {self.policy.config.name} reads through the PyTorch path"
-        elif k.shape[-1] != v.shape[-1]:
-            why = f"key dim {k.shape[-1]} != value dim {v.shape[-1]}"
-        else:
-            why = kernel_unsupported(self.codec, k.shape[-1], self.config.block, k.dtype)
-        if why is not None:
-            if mode == "triton":
-                raise InputError(
-                    f"cache:kernels=triton cannot serve this cache: {why}; use kernels=auto or torch"
-                )
-            return None
-        return PackedStore(
-            self.codec,
-            self.batch,
-            self.heads,
-            k.shape[-1],
-            self.config.block,
-            k.device,
-            k.dtype,
-            mode == "triton",
+        self.store = make_store(
+            self.config, self.codec, self.policy, self.is_sliding, key_states, value_states
         )
+        self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Record the new ``[B, Hkv, Q, D]`` keys/values; attention commits them. Returns them as is."""
@@ -252,7 +219,7 @@ class CompressedLayer(CacheLayerMixin):
         new = Segment(
             pos=pos, lo=start, hi=start + nq - 1, full=new_valid is None, c0=start, k=k_new, v=v_new
         )
-        if self._kernel_step(nq, new_valid, pad_read):
+        if self._kernel_step(nq, pad_read):
             assert self.store is not None
             self._commit(new, new_valid, None)  # the new token joins the window (which may flush)
             w = self.window
@@ -290,14 +257,14 @@ class CompressedLayer(CacheLayerMixin):
             self.pages.sync(self.blocks, query, self.seen_valid)  # type: ignore[arg-type]
         return out
 
-    def _kernel_step(self, nq: int, new_valid: torch.Tensor | None, pad_read: bool) -> bool:
-        """This step can be one kernel launch: one query, a store in use, no empty slot."""
+    def _kernel_step(self, nq: int, pad_read: bool) -> bool:
+        """This step can be one kernel launch: one query, a store in use, no empty slot (no
+        padding anywhere in the mask, so the new token is valid too)."""
         w = self.window
         return (
             self.store is not None
             and self.store.n > 0
             and nq == 1
-            and new_valid is None
             and not pad_read
             and (w is None or w.full or not w.size)
         )
@@ -564,10 +531,11 @@ class CompressedLayer(CacheLayerMixin):
             self.store = None  # empty slots (left padding): the PyTorch path reads from now on
         if self.store is not None:
             self.blocks.extend(self.store.append(pieces, self.blocks))
-        for piece in pieces if self.store is None else []:
-            if piece.hi < 0 or (horizon is not None and piece.hi <= horizon):
-                continue  # nothing anyone will attend to again
-            self.blocks.append(encode_segment(self.codec, piece))
+        else:
+            for piece in pieces:
+                if piece.hi < 0 or (horizon is not None and piece.hi <= horizon):
+                    continue  # nothing anyone will attend to again
+                self.blocks.append(encode_segment(self.codec, piece))
         rest = w.slice(n_blocks * block, w.size)
         self.window = Segment(
             pos=rest.pos.clone(),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from dataclasses import replace
 
 import torch
@@ -27,9 +28,11 @@ from ..codecs import Codec, Packed
 from ..codecs.base import Role
 from ..core.errors import InputError, KvshrinkError
 from ..kernels.layout import layout_of, packed_unsupported
+from ..policies import Policy
+from .config import CacheConfig
 from .segment import Segment
 
-__all__ = ["KERNEL_MODES", "PackedStore", "check_mode", "kernel_unsupported"]
+__all__ = ["KERNEL_MODES", "PackedStore", "kernel_unsupported", "make_store"]
 
 KERNEL_MODES = ("auto", "triton", "torch")
 _ROLES: tuple[Role, Role] = ("key", "value")
@@ -54,10 +57,54 @@ def kernel_unsupported(codec: Codec, d: int, block: int, dtype: torch.dtype) -> 
     return None
 
 
+_TEMPLATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _template(codec: Codec, role: Role, d: int, block: int, dtype: torch.dtype) -> Packed:
-    """What the codec stores for one block of one KV head (seeded data: only shapes matter)."""
-    g = torch.Generator().manual_seed(0)
-    return codec.encode(torch.randn(1, block, d, generator=g).to(dtype), role)
+    """What the codec stores for one block of one KV head (seeded data: only shapes matter).
+
+    Memoized per codec: every layer of a cache shares one codec, and both the eligibility check
+    and the store ask for it. Read-only: nothing writes into a template's tensors."""
+    per = _TEMPLATES.setdefault(codec, {})
+    key = (role, d, block, dtype)
+    if key not in per:
+        g = torch.Generator().manual_seed(0)
+        per[key] = codec.encode(torch.randn(1, block, d, generator=g).to(dtype), role)
+    return per[key]
+
+
+def make_store(
+    config: CacheConfig, codec: Codec, policy: Policy | None, sliding: bool, k: torch.Tensor, v: torch.Tensor
+) -> PackedStore | None:
+    """A store for a layer whose decode steps the Triton kernel can serve (first keys/values
+    ``k``/``v`` ``[B, Hkv, T, D]``), else None; ``kernels=triton`` raises instead of None."""
+    mode = config.kernels
+    if mode == "torch" or (mode == "auto" and not k.is_cuda) or sliding:
+        return None  # sliding layers drop blocks from the front: the reference path reads them
+    if mode == "auto":
+        from ..kernels.decode_attn import triton_available
+
+        if not triton_available():
+            return None
+    if mode == "triton" and not k.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise InputError(
+            "cache:kernels=triton on a CPU model needs TRITON_INTERPRET=1 (the Triton interpreter); "
+            "use kernels=auto (Triton on CUDA, PyTorch elsewhere) or kernels=torch"
+        )
+    if policy is not None:
+        why: str | None = f"token policy {policy.config.name} reads through the PyTorch path"
+    elif k.shape[-1] != v.shape[-1]:
+        why = f"key dim {k.shape[-1]} != value dim {v.shape[-1]}"
+    else:
+        why = kernel_unsupported(codec, k.shape[-1], config.block, k.dtype)
+    if why is not None:
+        if mode == "triton":
+            raise InputError(
+                f"cache:kernels=triton cannot serve this cache: {why}; use kernels=auto or torch"
+            )
+        return None
+    b, h, _, d = k.shape
+    return PackedStore(codec, b, h, d, config.block, k.device, k.dtype, mode == "triton")
 
 
 class PackedStore:
@@ -243,12 +290,3 @@ class PackedStore:
             for t in f.values()
         )
         return total - used
-
-
-def check_mode(mode: str, device: torch.device) -> None:
-    """``kernels=triton`` on CPU tensors needs Triton's interpreter."""
-    if mode == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise InputError(
-            "cache:kernels=triton on a CPU model needs TRITON_INTERPRET=1 (the Triton interpreter); "
-            "use kernels=auto (Triton on CUDA, PyTorch elsewhere) or kernels=torch"
-        )
