@@ -32,8 +32,9 @@ from transformers import DynamicCache
 from kvshrink.cache import CompressedCache
 from kvshrink.cache.memory import peak_heap
 from kvshrink.codecs import CODECS
-from kvshrink.core.atomic import atomic_write, atomic_write_with
+from kvshrink.core.atomic import atomic_write
 from kvshrink.data import load_text
+from kvshrink.eval.plots import save_png
 from kvshrink.models import load_model
 
 SPECS = "int4;kivi:b=2;turboquant:b=2;fibquant:b=2"
@@ -199,8 +200,7 @@ def plot(records: list[dict[str, Any]], path: str) -> None:
     axes[0].set_ylabel("decode tokens/s vs DynamicCache")
     axes[1].set_ylabel("KV bytes held (MiB)")
     fig.tight_layout()
-    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main() -> None:

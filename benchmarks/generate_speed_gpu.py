@@ -32,8 +32,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
 
 from kvshrink.cache import CompressedCache
-from kvshrink.core.atomic import atomic_write, atomic_write_with
+from kvshrink.core.atomic import atomic_write
 from kvshrink.data import load_text
+from kvshrink.eval.plots import save_png
 from kvshrink.models import load_model
 
 SPECS = "fp16;int4;kivi:b=2;turboquant:b=4;fibquant:b=2,k=4;fibquant:b=3,k=2"
@@ -180,8 +181,7 @@ def plot(data: dict[str, Any], path: str) -> None:
     axes[1].legend(fontsize=7)
     fig.suptitle(f"SmolLM2-135M decode on {data['device']}")
     fig.tight_layout()
-    atomic_write_with(path, lambda p: fig.savefig(p, format="png", dpi=110))
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main() -> None:

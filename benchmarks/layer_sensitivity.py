@@ -27,12 +27,13 @@ from pathlib import Path
 import torch
 
 from kvshrink.codecs import make_codec
-from kvshrink.core.atomic import atomic_write, atomic_write_with
+from kvshrink.core.atomic import atomic_write
 from kvshrink.core.errors import SpecError
 from kvshrink.eval.capture import capture
 from kvshrink.eval.frontier import FrontierConfig, _continue, _query_positions, window_starts
 from kvshrink.eval.methods import code_keys, code_values
 from kvshrink.eval.metrics import AttnFidelity, attention_fidelity, rel_mse, token_nll_kl
+from kvshrink.eval.plots import save_png
 from kvshrink.eval.report import write_json
 
 STEM = "layer-sensitivity-smollm2"
@@ -199,10 +200,7 @@ def plot(data: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     ax.set_title(f"SmolLM2-135M per-layer sensitivity, context {data['context']}, {data['windows']} windows")
     fig.tight_layout()
-    try:
-        atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    finally:
-        plt.close(fig)
+    save_png(fig, path)
 
 
 # -- allocation ------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from ..core.atomic import atomic_write_with
+from .plots import save_png
 
 __all__ = ["longbench_markdown", "method_means", "plot_longbench"]
 
@@ -111,10 +111,4 @@ def plot_longbench(data: dict, path: str | Path, title: str = "") -> Path:
     )
     fig.tight_layout()
 
-    def _save(tmp: str) -> None:
-        fig.savefig(tmp, format="png", dpi=110)
-
-    try:
-        return atomic_write_with(path, _save)
-    finally:
-        plt.close(fig)
+    return save_png(fig, path)

@@ -8,7 +8,17 @@ from pathlib import Path
 
 from ..core.atomic import atomic_write_with
 
-__all__ = ["plot_frontier"]
+__all__ = ["plot_frontier", "save_png"]
+
+
+def save_png(fig, path: str | Path) -> Path:
+    """Write ``fig`` as a 110-dpi PNG atomically (never a half-written file) and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def plot_frontier(data: dict, path: str | Path, family: Callable[[str], str], title: str = "") -> Path:
@@ -38,10 +48,4 @@ def plot_frontier(data: dict, path: str | Path, family: Callable[[str], str], ti
     fig.suptitle(title or f"{data['model']}: context {data['context']}, {data['windows']} windows")
     fig.tight_layout()
 
-    def _save(tmp: str) -> None:
-        fig.savefig(tmp, format="png", dpi=110)
-
-    try:
-        return atomic_write_with(path, _save)
-    finally:
-        plt.close(fig)
+    return save_png(fig, path)
