@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from kvshrink.cache import CompressedCache
 from kvshrink.cache.attention import OnlineSoftmax
@@ -16,6 +15,7 @@ from kvshrink.cache.heads import FORMAT, cache_path, head_scores, search_heads
 from kvshrink.policies.razor import pick_heads
 
 from ..conftest import gaussian_kv
+from ..policies.tiny import tiny_llama
 from .test_attention import reference
 from .test_layer import held
 from .test_precision import HK, D, G, make
@@ -96,22 +96,9 @@ def test_compensation_survives_reorder_and_deepcopy() -> None:
     assert layer.comp.k.abs().sum() > 0
 
 
-TINY = dict(
-    vocab_size=97,
-    hidden_size=64,
-    intermediate_size=96,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=32,
-    max_position_embeddings=512,
-    num_hidden_layers=2,
-)
-
-
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(LlamaConfig(**TINY)).eval()
+    return tiny_llama(layers=2, seed=0)
 
 
 def test_head_search_is_deterministic_and_cached(tiny, tmp_path, monkeypatch) -> None:
