@@ -13,6 +13,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def single_thread():
+    """One intra-op thread: on a shared 2-core machine two threads thrash (10x slower). The model
+    test packages (tests/cache, tests/policies) use it as their package-scoped autouse fixture."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def gaussian_kv(seed: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Gaussian vectors with a few outlier channels, like real keys."""
     g = torch.Generator().manual_seed(seed)

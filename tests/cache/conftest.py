@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from ..conftest import single_thread
+
 
 @pytest.fixture(scope="session")
 def gemma():
@@ -25,12 +27,4 @@ def prompt(tokenizer, text: str, n_tokens: int, offset: int = 0) -> str:
     return tokenizer.decode(ids)
 
 
-@pytest.fixture(scope="package", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads thrash (10x slower)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_thread = pytest.fixture(scope="package", autouse=True, name="one_thread")(single_thread)
