@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
+from ..codecs import Codec
+from ..codecs.plan import shared_parts
 from ..core.errors import ModelError
 from .config import CacheSpec, parse_cache_spec
 from .heads import bind_heads
@@ -150,19 +152,19 @@ class CompressedCache(Cache):
     def __init__(self, model: torch.nn.Module, spec: str = "int4", **cache_options: Any) -> None:
         parsed = parse_cache_spec(spec, **cache_options)
         config = install(model)
-        codec = parsed.build_codec()
+        windows = layer_windows(config)
+        codecs = parsed.build_layer_codecs(len(windows))
         low_codec = parsed.build_low_codec()
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        for c in (codec, low_codec):
+        for c in (*dict.fromkeys(codecs), low_codec):
             if c is not None:
                 c.check_dim(head_dim)
         policy = parsed.build_policy()
         bind_heads(policy, model)
-        windows = layer_windows(config)
         layers = [
             CompressedLayer(
                 i,
-                codec,
+                codecs[i],
                 policy if window is None else None,
                 parsed.cache,
                 window,
@@ -173,7 +175,8 @@ class CompressedCache(Cache):
         ]
         super().__init__(layers=layers)  # type: ignore[arg-type]
         self.parsed: CacheSpec = parsed
-        self.codec = codec
+        self.codec = codecs[0] if parsed.plan is None else parsed.build_codec()  # the base codec
+        self.codecs: tuple[Codec, ...] = tuple(dict.fromkeys(codecs))  # distinct codecs of the layers
         self.low_codec = low_codec
         self.policy = policy
         self.head_dim = head_dim
@@ -207,7 +210,7 @@ class CompressedCache(Cache):
             uninstall(model)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> CompressedCache:
-        for shared in (self.codec, self.low_codec, self.policy, self._config, self.parsed):
+        for shared in (self.codec, *self.codecs, self.low_codec, self.policy, self._config, self.parsed):
             memo[id(shared)] = shared
         new = type(self).__new__(type(self))
         memo[id(self)] = new
@@ -265,9 +268,11 @@ class CompressedCache(Cache):
                     resident_live,
                 )
             )
-        shared = self.codec.shared_nbytes(self.head_dim)
-        if self.low_codec is not None:
-            shared += self.low_codec.shared_nbytes(self.head_dim)
+        parts: dict[tuple[Any, ...], int] = {}  # a rotation or codebook two layers' codecs share: once
+        for codec in (*self.codecs, self.low_codec):
+            if codec is not None:
+                parts.update(shared_parts(codec, self.head_dim))
+        shared = sum(parts.values())
         return MemoryReport(self.spec, tuple(rows), shared)
 
     def nbytes(self) -> int:

@@ -7,10 +7,14 @@ Grammar (stages are the ``core.spec`` stages; order is free, the canonical form 
     codec      := any registered codec         int4, kivi:b=2, fp16, ...
     policy     := any registered policy        snapkv:ratio=0.75, streamingllm:sinks=4,budget=256
     cache      := 'cache' (':' window=N, block=N, chunk=N, kernels=auto|triton|torch)
+    layers     := 'layers:at=[..],codec=[..]' | key=[..] | value=[..]   per-layer tiers over the codec
 
 Examples: ``int4``, ``kivi:b=2``, ``snapkv:ratio=0.75+fp16``,
 ``streamingllm:sinks=4,budget=256+int4+cache:window=64``,
-``mikv:ratio=0.75,low=[fibquant:b=1,k=8]+fibquant:b=2``.
+``mikv:ratio=0.75,low=[fibquant:b=1,k=8]+fibquant:b=2``,
+``layers:at=[10,19],key=[fibquant:b=3,k=4]+fibquant:b=2,k=4`` (:mod:`kvshrink.codecs.plan`: the
+codec stage is the base, tiers override it on listed layers; a layer's keys and values may differ
+only in rate, since a cache layer holds one codec).
 
 A precision policy (``mikv``, ``zipcache``) names a second codec in its ``low`` option; it is
 resolved here like the main codec (same registry, same fp16-range rule), printed back in its
@@ -33,6 +37,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..codecs import CODECS, Codec, CodecConfig, make_codec
+from ..codecs.plan import NAME as LAYERS
+from ..codecs.plan import LayerPlan, parse_layer_plan
 from ..core.errors import SpecError
 from ..core.spec import SpecConfig, build_config, format_config, nearest, parse_stage, split_stages
 from ..policies import POLICIES, Policy, PolicyConfig, PrecisionConfig
@@ -85,10 +91,11 @@ class CacheSpec:
     policy: PolicyConfig | None = None
     cache: CacheConfig = CacheConfig()
     low: CodecConfig | None = None  # a precision policy's low codec
+    plan: LayerPlan | None = None  # per-layer tiers over ``codec`` (its base)
 
     def __str__(self) -> str:
         parts = [str(self.policy)] if self.policy is not None else []
-        parts.append(str(self.codec))
+        parts.append(str(self.plan) if self.plan is not None else str(self.codec))
         default = _aligned(self.policy, CacheConfig(), set())  # a page policy moves the defaults
         changed = [
             f"{f.name}={getattr(self.cache, f.name)}"
@@ -102,6 +109,19 @@ class CacheSpec:
     def build_codec(self) -> Codec:
         """The codec used for packed blocks (its own residual window, if any, set to 0)."""
         return _in_cache(self.codec)
+
+    def build_layer_codecs(self, n_layers: int) -> list[Codec]:
+        """The codec of each of ``n_layers`` layers: the base, or a plan's tier; one object per
+        distinct codec, so layers at the same rate share their codebooks and rotation."""
+        if self.plan is None:
+            return [self.build_codec()] * n_layers
+        built: dict[str, Codec] = {str(self.codec): self.build_codec()}
+        out = []
+        for cfg in self.plan.layer_configs(n_layers):
+            if str(cfg) not in built:
+                built[str(cfg)] = _in_cache(cfg)
+            out.append(built[str(cfg)])
+        return out
 
     def build_low_codec(self) -> Codec | None:
         """The codec of low-precision runs, when the policy is a precision policy."""
@@ -119,9 +139,12 @@ def parse_cache_spec(spec: str, **cache_options: Any) -> CacheSpec:
     policy: PolicyConfig | None = None
     cache: CacheConfig | None = None
     explicit: set[str] = set()  # cache options given, which a page policy must not override
+    tiers: list[str] = []
     for text in split_stages(spec):
         stage = parse_stage(text)
-        if stage.name == CacheConfig.name:
+        if stage.name == LAYERS:
+            tiers.append(text)
+        elif stage.name == CacheConfig.name:
             if cache is not None:
                 raise SpecError(f"more than one 'cache' stage in {spec!r}")
             cache = build_config(CacheConfig, stage)
@@ -135,7 +158,7 @@ def parse_cache_spec(spec: str, **cache_options: Any) -> CacheSpec:
                 raise SpecError(f"more than one codec in {spec!r}; a cache takes exactly one")
             codec = CODECS.config(stage)
         else:
-            names = [*POLICIES.names(), *CODECS.names(), CacheConfig.name]
+            names = [*POLICIES.names(), *CODECS.names(), CacheConfig.name, LAYERS]
             hint = nearest(stage.name, names)
             near = f" (did you mean {', '.join(hint)}?)" if hint else ""
             raise SpecError(
@@ -153,7 +176,11 @@ def parse_cache_spec(spec: str, **cache_options: Any) -> CacheSpec:
                 "give a lower-rate codec, e.g. low=[fibquant:b=1,k=8]"
             )
         policy = dataclasses.replace(policy, low=str(low))
-    for cfg in (c for c in (codec, low) if c is not None):
+    plan = parse_layer_plan("+".join([*tiers, str(codec)])) if tiers else None
+    if plan is not None and not plan.overrides:
+        plan = None  # every tier restates the base codec
+    checked = [c for c in (codec, low) if c is not None] + ([*plan.configs()] if plan is not None else [])
+    for cfg in checked:
         for name in _FP16_RANGES:
             value = getattr(cfg, name, None)
             if value not in (None, 0, _default(cfg, name)):
@@ -161,7 +188,7 @@ def parse_cache_spec(spec: str, **cache_options: Any) -> CacheSpec:
                     f"{cfg.name}: {name}={value} would keep fp16 tokens in every packed block of "
                     "CompressedCache; use cache:window=N for the full-precision window (and streamingllm for sinks)"
                 )
-    for cfg in (c for c in (codec, low) if c is not None and getattr(c, "prerope", False)):
+    for cfg in (c for c in checked if getattr(c, "prerope", False)):
         raise SpecError(
             f"{cfg.name}: prerope=1 is served by the frontier harness only; CompressedCache codes the keys "
             "it is given, after RoPE, so drop prerope=1 from cache specs"
@@ -175,7 +202,7 @@ def parse_cache_spec(spec: str, **cache_options: Any) -> CacheSpec:
         cache = dataclasses.replace(cache, **cache_options)
         explicit |= set(cache_options)
     cache = _aligned(policy, cache, explicit)
-    return CacheSpec(codec=codec, policy=policy, cache=cache, low=low)
+    return CacheSpec(codec=codec, policy=policy, cache=cache, low=low, plan=plan)
 
 
 def _in_cache(config: CodecConfig) -> Codec:

@@ -1,41 +1,31 @@
-"""Per-layer codecs: spend the bits where a layer's KV error hurts the model.
+"""Per-layer codecs in the frontier: spend the bits where a layer's KV error hurts the model.
 
-Layers differ by orders of magnitude in how much their K/V error moves the next-token
-distribution (benchmarks/layer_sensitivity.py), so one rate for every layer wastes bytes on the
-robust layers and starves the sensitive ones. A spec names a base codec and tiers that override
-it on listed layers, for both roles or for keys or values only::
-
-    layers:at=[0-1,29],codec=[fibquant:b=3,k=4]+layers:at=[12],value=[fibquant:b=1.5,k=4]+fibquant:b=2,k=4
-
-``at`` lists layers and ranges ``a-b`` (inclusive); ``codec=`` sets both roles, ``key=`` /
-``value=`` one. Stages may come in any order; the canonical form puts the tiers first (grouped by
-layer, one tier per distinct key/value pair) and the base codec last, like a policy before its
-codec, so a harness that appends ``,seed=N`` to a spec re-seeds the base codec. A tier codec
-without its own ``seed`` takes the base codec's: one rotation seed per cache, so seed sweeps move
-every layer. A (layer, role) named by two tiers, a layer past the model's last, or an unknown
-codec is a one-line :class:`SpecError`.
-
-Bytes: each layer's packed bytes come from its own codec; the shared state of every codec the spec
-names (codebooks, rotations) is counted once, and a tensor two codecs share (the rotation of one
-seed, a codebook) once (:func:`shared_parts`).
+The plan itself (spec grammar, canonical form, byte sharing between tiers) is
+:mod:`kvshrink.codecs.plan`, shared with ``CompressedCache``; this module applies a plan to the
+captured layers of a frontier run.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
-from ..codecs import CODECS, Codec, CodecConfig, Role, make_codec
-from ..codecs.rotated import RotatedCodec
-from ..core.errors import SpecError
-from ..core.spec import SpecConfig, build_config, parse_stage, split_stages
+from ..codecs import Codec, make_codec
+from ..codecs.plan import (
+    NAME,
+    LayerPlan,
+    LayersConfig,
+    format_layers,
+    is_layerwise,
+    parse_layer_plan,
+    parse_layers,
+    shared_parts,
+)
 from .capture import LayerCapture
 from .methods import LayerResult, code_keys, code_values
 
 __all__ = [
+    "NAME",
     "LayerPlan",
     "LayersConfig",
     "LayerwiseMethod",
@@ -45,195 +35,6 @@ __all__ = [
     "parse_layers",
     "shared_parts",
 ]
-
-NAME = "layers"
-_ROLES: tuple[Role, ...] = ("key", "value")
-
-
-@dataclass(frozen=True)
-class LayersConfig(SpecConfig):
-    """One tier as written: the layers and the codec(s) it puts there (raw stage strings)."""
-
-    name: ClassVar[str] = NAME
-    at: str = ""
-    codec: str | None = None
-    key: str | None = None
-    value: str | None = None
-
-    def __post_init__(self) -> None:
-        if not self.at:
-            raise SpecError("layers: at= is required, e.g. layers:at=[0-1,29],codec=[fibquant:b=3,k=4]")
-        if self.codec is None and self.key is None and self.value is None:
-            raise SpecError(
-                f"layers:at=[{self.at}] names no codec; give codec=[...], key=[...] or value=[...]"
-            )
-        if self.codec is not None and (self.key is not None or self.value is not None):
-            raise SpecError("layers: codec= sets both roles; give it alone, or key= and/or value=")
-
-
-def parse_layers(text: str) -> tuple[int, ...]:
-    """``"0-2,29"`` -> ``(0, 1, 2, 29)`` (sorted, unique), or a one-line SpecError."""
-    out: set[int] = set()
-    for item in (x.strip() for x in text.split(",")):
-        lo, dash, hi = item.partition("-")
-        try:
-            a = int(lo)
-            b = int(hi) if dash else a
-        except ValueError:
-            raise SpecError(f"layers: bad layer {item!r} in at=[{text}]; expected e.g. at=[0-2,29]") from None
-        if a < 0 or b < a:
-            raise SpecError(f"layers: bad layer range {item!r} in at=[{text}]; expected 0 <= a <= b")
-        out.update(range(a, b + 1))
-    return tuple(sorted(out))
-
-
-def format_layers(layers: Sequence[int]) -> str:
-    """Sorted layers back to text; runs of three or more print as ``a-b``."""
-    xs, parts, i = sorted(set(layers)), [], 0
-    while i < len(xs):
-        j = i
-        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
-            j += 1
-        if j - i >= 2:
-            parts.append(f"{xs[i]}-{xs[j]}")
-        else:
-            parts.extend(str(x) for x in xs[i : j + 1])
-        i = j + 1
-    return ",".join(parts)
-
-
-def _tier_codec(text: str, base: CodecConfig) -> CodecConfig:
-    """A tier's codec, taking the base codec's seed unless it names its own."""
-    stage = parse_stage(text)
-    cfg = CODECS.config(stage)
-    seeded = "seed" in dict(stage.options)
-    if not seeded and hasattr(cfg, "seed") and hasattr(base, "seed"):
-        cfg = dataclasses.replace(cfg, seed=base.seed)
-    return cfg
-
-
-def _codec_text(cfg: CodecConfig, base: CodecConfig) -> str:
-    """Canonical text of a tier codec: its seed shown only where it differs from the base's."""
-    if not hasattr(cfg, "seed"):
-        return str(cfg)
-    if hasattr(base, "seed") and cfg.seed == base.seed:
-        return str(dataclasses.replace(cfg, seed=0))
-    text = str(cfg)
-    return text if "seed=" in text else f"{text},seed={cfg.seed}"
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """A base codec and its per-(layer, role) overrides; ``str()`` is the canonical spec."""
-
-    base: CodecConfig
-    overrides: tuple[tuple[int, Role, CodecConfig], ...]  # sorted, none equal to the base
-
-    @property
-    def max_layer(self) -> int:
-        return max((layer for layer, _, _ in self.overrides), default=-1)
-
-    def configs(self) -> list[CodecConfig]:
-        """Every distinct codec the plan names, base first."""
-        seen: dict[str, CodecConfig] = {str(self.base): self.base}
-        for _, _, cfg in self.overrides:
-            seen.setdefault(str(cfg), cfg)
-        return list(seen.values())
-
-    def assign(self, n_layers: int) -> list[dict[Role, CodecConfig]]:
-        """The codec of each role of each of ``n_layers`` layers."""
-        if self.max_layer >= n_layers:
-            raise SpecError(
-                f"layers: layer {self.max_layer} is out of range for a model with {n_layers} layers "
-                f"(valid: 0-{n_layers - 1})"
-            )
-        out: list[dict[Role, CodecConfig]] = [dict.fromkeys(_ROLES, self.base) for _ in range(n_layers)]
-        for layer, role, cfg in self.overrides:
-            out[layer][role] = cfg
-        return out
-
-    def __str__(self) -> str:
-        pairs: dict[int, dict[Role, CodecConfig]] = {}
-        for layer, role, cfg in self.overrides:
-            pairs.setdefault(layer, {})[role] = cfg
-        groups: dict[tuple[str | None, str | None], list[int]] = {}
-        for layer, roles in sorted(pairs.items()):
-            k, v = (_codec_text(roles[r], self.base) if r in roles else None for r in _ROLES)
-            groups.setdefault((k, v), []).append(layer)
-        stages = []
-        for (k, v), layers in sorted(groups.items(), key=lambda kv: kv[1][0]):
-            opts = [f"codec=[{k}]"] if k == v else [f"{n}=[{t}]" for n, t in (("key", k), ("value", v)) if t]
-            stages.append(f"{NAME}:at=[{format_layers(layers)}],{','.join(opts)}")
-        return "+".join([*stages, str(self.base)])
-
-
-def is_layerwise(spec: str) -> bool:
-    """Whether ``spec`` has a ``layers`` stage (cheap: no codec is built)."""
-    return any(parse_stage(s).name == NAME for s in split_stages(spec))
-
-
-def parse_layer_plan(spec: str) -> LayerPlan:
-    """Parse ``layers:...+...+CODEC`` into a :class:`LayerPlan` (one-line SpecErrors)."""
-    tiers: list[Any] = []
-    base: CodecConfig | None = None
-    for text in split_stages(spec):
-        stage = parse_stage(text)
-        if stage.name == NAME:
-            tiers.append(build_config(LayersConfig, stage))
-        elif stage.name in CODECS:
-            if base is not None:
-                raise SpecError(
-                    f"{spec!r}: more than one base codec; per-layer codecs go in layers:at=[..],codec=[..]"
-                )
-            base = CODECS.config(stage)
-        else:
-            CODECS.config(stage)  # raises: unknown codec, with the valid names
-    if base is None:
-        raise SpecError(f"{spec!r} has no base codec; add one, e.g. '{spec}+fibquant:b=2,k=4'")
-    given: dict[tuple[int, Role], CodecConfig] = {}
-    for tier in tiers:
-        roles = {"key": tier.codec or tier.key, "value": tier.codec or tier.value}
-        for layer in parse_layers(tier.at):
-            for role, text in roles.items():
-                if text is None:
-                    continue
-                if (layer, role) in given:
-                    raise SpecError(
-                        f"layers: layer {layer} {role}s are given twice in {spec!r}; name each once"
-                    )
-                given[(layer, role)] = _tier_codec(text, base)
-    overrides = tuple(
-        (layer, role, cfg)
-        for (layer, role), cfg in sorted(given.items(), key=lambda kv: (kv[0][0], _ROLES.index(kv[0][1])))
-        if cfg != base
-    )
-    return LayerPlan(base, overrides)
-
-
-def shared_parts(codec: Codec, d: int) -> dict[tuple[Any, ...], int]:
-    """A codec's shared state as named parts, so that codecs holding the same tensor count it once.
-
-    Why: tiers at other rates of the same family share the seeded rotation (and a codebook where
-    two rates coincide); counting each codec whole would charge a per-layer plan ~16 KB per tier
-    for a matrix the cache holds once. Rotations are named by (kind, d, seed), which is all
-    ``make_rotation`` depends on; codebooks by their contents. Whatever else a codec holds
-    (TurboQuant's QJL matrix) stays one part per codec. The parts of one codec sum to its
-    ``shared_nbytes``.
-    """
-    total = codec.shared_nbytes(d)
-    if not isinstance(codec, RotatedCodec):
-        return {("codec", codec.spec): total}
-    cfg = codec.config
-    rot = codec.rotation(d).nbytes
-    parts: dict[tuple[Any, ...], int] = {("rotation", cfg.rot, d, cfg.seed): rot}
-    for role in _ROLES:
-        book = codec.codebook(d, role).contiguous()
-        digest = hashlib.sha256(book.numpy().tobytes()).hexdigest()
-        parts[("codebook", tuple(book.shape), digest)] = book.numel() * book.element_size()
-    rest = total - sum(parts.values())
-    if rest:
-        parts[("codec", codec.spec)] = rest
-    return parts
 
 
 class LayerwiseMethod:
