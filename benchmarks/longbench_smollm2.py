@@ -50,6 +50,8 @@ TARGETS = {"niah_single": (2048,), "multiturn": (1024,)}
 #: presses' measured ratios (they keep the question whole: 3.6x and 6.35x at 1024 tokens).
 #: 8x needs < 2 bits on average; uniform 1.5 bits loses the needle's digits, so the candidates
 #: spend the bits unevenly between keys and values (CPU, 3 cases: 1/3 and 1/2 retrieved).
+#: the six most key-sensitive layers of SmolLM2 (docs/results/layer-sensitivity-smollm2.md)
+_KEYS = "10,11,18-20,23"
 LEVELS = {
     4: (
         0.75,
@@ -62,8 +64,15 @@ LEVELS = {
         0.875,
         [
             "fibquant:k=4,kb=2,vb=1.5+cache:window=0,block=32",
-            "fibquant:k=4,kb=1.5,vb=2+cache:window=0,block=32",
-            "mikv:ratio=0.75,low=[fibquant:b=1,k=8]+fibquant:b=2+cache:window=0,block=16",
+            "fibquant:k=4,kb=2.5,vb=1+cache:window=0,block=32",
+            "fibquant:k=2,kb=2.5,vb=1+cache:window=0,block=32",
+            # per-layer (codecs/plan.py): 3-bit keys on the six layers whose key error moves the
+            # model most (docs/results/layer-sensitivity-smollm2.md), 1-bit values wherever value
+            # error does not matter (every layer but 0-1)
+            f"layers:at=[{_KEYS}],key=[fibquant:b=3,k=4]+layers:at=[0-1],value=[fibquant:b=1.5,k=4]"
+            "+fibquant:k=4,kb=2,vb=1+cache:window=0,block=32",
+            f"layers:at=[{_KEYS}],key=[fibquant:b=3,k=4]+layers:at=[0-1],value=[fibquant:b=1.5,k=4]"
+            "+fibquant:k=4,kb=2.25,vb=1+cache:window=0,block=32",
         ],
     ),
 }
