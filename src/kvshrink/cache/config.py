@@ -179,6 +179,10 @@ def parse_cache_spec(spec: str, **cache_options: Any) -> CacheSpec:
     plan = parse_layer_plan("+".join([*tiers, str(codec)])) if tiers else None
     if plan is not None and not plan.overrides:
         plan = None  # every tier restates the base codec
+    if plan is not None:
+        plan.layer_configs(
+            plan.max_layer + 1
+        )  # roles that cannot share one codec fail here, before a model loads
     checked = [c for c in (codec, low) if c is not None] + ([*plan.configs()] if plan is not None else [])
     for cfg in checked:
         for name in _FP16_RANGES:
