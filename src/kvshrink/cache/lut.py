@@ -25,12 +25,20 @@ import torch
 
 from ..codecs import Codec
 from ..codecs.primitives.mixed_radix import unpack_indices
+from ..kernels.lut_cpu import available as compiled_available
+from ..kernels.lut_cpu import lut_histogram, lut_scores
 from .segment import Segment
 
 __all__ = ["LUT_MAX_ROWS", "PackedKeys", "PackedValues", "lut_group"]
 
 #: query rows (query heads of a group x query tokens) up to which lookups beat decoding
 LUT_MAX_ROWS = 64
+
+
+def _use_compiled(compiled: bool | None, x: torch.Tensor) -> bool:
+    if compiled is None:
+        return x.device.type == "cpu" and compiled_available()
+    return compiled
 
 
 @dataclass
@@ -48,7 +56,8 @@ class _Codes:
 class PackedKeys(_Codes):
     """Keys of a chunk as codes; ``scores(q)`` for rotated queries ``[B, Hkv, R, d]``."""
 
-    def scores(self, q: torch.Tensor) -> torch.Tensor:
+    def scores(self, q: torch.Tensor, compiled: bool | None = None) -> torch.Tensor:
+        """``compiled``: the numba loop (default on CPU when available) or PyTorch's gather."""
         b, h, r, _ = q.shape
         m, (n, k) = self.blocks, self.book.shape
         t = self.idx.shape[2]
@@ -56,6 +65,8 @@ class PackedKeys(_Codes):
             q = torch.nn.functional.pad(q, (0, m * k - self.d))
         table = torch.matmul(q.reshape(b, h, r, m, k), self.book.T)  # [B, H, R, m, N]
         flat = table.reshape(b, h, r, m * n)
+        if _use_compiled(compiled, q):
+            return lut_scores(self.idx, flat, self.norm)
         look = torch.gather(flat, 3, self.idx.reshape(b, h, 1, t * m).expand(b, h, r, t * m))
         return look.view(b, h, r, t, m).sum(-1) * self.norm[:, :, None, :]
 
@@ -63,12 +74,16 @@ class PackedKeys(_Codes):
 class PackedValues(_Codes):
     """Values of a chunk as codes; ``weighted(p)`` = ``p @ (rotated values)`` ``[B, Hkv, R, d]``."""
 
-    def weighted(self, p: torch.Tensor) -> torch.Tensor:
+    def weighted(self, p: torch.Tensor, compiled: bool | None = None) -> torch.Tensor:
+        """``compiled``: the numba loop (default on CPU when available) or PyTorch's scatter_add."""
         b, h, r, t = p.shape
         m, (n, k) = self.blocks, self.book.shape
-        w = (p * self.norm[:, :, None, :]).unsqueeze(-1).expand(b, h, r, t, m).reshape(b, h, r, t * m)
-        hist = torch.zeros(b, h, r, m * n, dtype=p.dtype, device=p.device)
-        hist.scatter_add_(3, self.idx.reshape(b, h, 1, t * m).expand(b, h, r, t * m), w)
+        if _use_compiled(compiled, p):
+            hist = lut_histogram(self.idx, p * self.norm[:, :, None, :], m * n).to(p.dtype)
+        else:
+            w = (p * self.norm[:, :, None, :]).unsqueeze(-1).expand(b, h, r, t, m).reshape(b, h, r, t * m)
+            hist = torch.zeros(b, h, r, m * n, dtype=p.dtype, device=p.device)
+            hist.scatter_add_(3, self.idx.reshape(b, h, 1, t * m).expand(b, h, r, t * m), w)
         out = torch.matmul(hist.view(b, h, r, m, n), self.book)  # [B, H, R, m, k]
         return out.reshape(b, h, r, m * k)[..., : self.d]
 
