@@ -1,8 +1,10 @@
 """Decode attention that reads packed KV caches directly (issue 6).
 
-``decode_attention`` picks the Triton kernel for CUDA tensors when Triton is installed and the
-reference otherwise; ``backend="triton"`` forces the kernel (CPU tensors then need
-``TRITON_INTERPRET=1``, which is how CI runs it). Triton is imported only when the kernel runs.
+``decode_attention`` picks the Triton kernel for CUDA tensors when Triton is installed, the
+compiled CPU scan (``cpu.py``, numba) for CPU tensors of a rotation codec, and the reference
+otherwise; ``backend="triton"`` forces the kernel (CPU tensors then need ``TRITON_INTERPRET=1``,
+which is how CI runs it), ``backend="cpu"`` the CPU scan. Triton is imported only when the kernel
+runs.
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ from typing import Literal
 import torch
 
 from ...codecs.base import Codec, Packed, make_codec
-from ...core.errors import KvshrinkError
+from ...core.errors import InputError, KvshrinkError
 from ..layout import layout_of, packed_unsupported
 from .reference import Window, decode_attention_ref
 
 __all__ = ["Window", "decode_attention", "decode_attention_ref", "triton_available"]
 
-Backend = Literal["auto", "triton", "reference"]
+Backend = Literal["auto", "triton", "cpu", "reference"]
 
 
 def triton_available() -> bool:
@@ -78,6 +80,14 @@ def decode_attention(
     use_triton = backend == "triton" or (backend == "auto" and q.is_cuda and triton_available())
     if use_triton and backend == "auto" and _unsupported(keys, values, codec, q.shape[-1]):
         use_triton = False  # e.g. TurboQuant-prod's QJL sketch: the reference handles it
+    if backend == "cpu" or (backend == "auto" and not q.is_cuda):
+        from .cpu import cpu_unsupported, decode_attention_cpu
+
+        why = cpu_unsupported(codec, keys, values, q.shape[-1])
+        if why is None:
+            return decode_attention_cpu(q, keys, values, lengths, window, codec, scale)
+        if backend == "cpu":
+            raise InputError(f"decode_attention(backend='cpu') cannot read this cache: {why}")
     if use_triton:
         from .kernel import decode_attention_triton
 
