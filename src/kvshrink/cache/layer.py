@@ -221,10 +221,19 @@ class CompressedLayer(CacheLayerMixin):
         )
         if self._kernel_step(nq, pad_read):
             assert self.store is not None
+            prev = self.window
+            before = self.store.n
             self._commit(new, new_valid, None)  # the new token joins the window (which may flush)
-            w = self.window
-            window = (w.k, w.v) if w is not None and w.size else None
-            return self.store.attend(query, scaling, window).to(query.dtype)  # type: ignore[arg-type]
+            flushed = self.store.n - before
+            if not flushed:
+                w = self.window
+                assert w is not None
+                return self.store.attend(query, scaling, (w.k, w.v)).to(query.dtype)  # type: ignore[arg-type]
+            # a flush packed tokens the PyTorch path still reads exact in this forward (the old
+            # window and the new token): read them exact too, packed from the next step on
+            k = k_new if prev is None or not prev.size else torch.cat([prev.k, k_new], dim=2)
+            v = v_new if prev is None or not prev.size else torch.cat([prev.v, v_new], dim=2)
+            return self.store.attend(query, scaling, (k, v), held_back=flushed).to(query.dtype)
         pad2d = mask2d if pad_read else None
         sources = [*self.segments(), new]
 

@@ -10,7 +10,9 @@ the memory report) sees the same blocks as before.
 
 A layer gets a store only when the kernel can serve all of it: no token policy (no
 observation, eviction, pages or low-precision runs), not a sliding-window layer, a codec the
-kernels have a layout for. A step then takes the kernel when it has one query token and no
+kernels have a layout for. On the CPU the kernel is the compiled table scan of
+:mod:`kvshrink.kernels.decode_attn.cpu`, for rotation codecs (TurboQuant, FibQuant) only; int4
+and KIVI keep the PyTorch path there. A step then takes the kernel when it has one query token and no
 empty slot (left padding flushes blocks with empty slots: the store stops there and the layer
 reads through the reference path from then on, on the same data).
 """
@@ -79,8 +81,15 @@ def make_store(
     """A store for a layer whose decode steps the Triton kernel can serve (first keys/values
     ``k``/``v`` ``[B, Hkv, T, D]``), else None; ``kernels=triton`` raises instead of None."""
     mode = config.kernels
-    if mode == "torch" or (mode == "auto" and not k.is_cuda) or sliding:
+    if mode == "torch" or sliding:
         return None  # sliding layers drop blocks from the front: the reference path reads them
+    if mode == "auto" and not k.is_cuda:  # CPU: the compiled table scan, for rotation codecs
+        if policy is not None or k.shape[-1] != v.shape[-1] or not _cpu_kernel(codec, k.shape[-1]):
+            return None
+        if kernel_unsupported(codec, k.shape[-1], config.block, k.dtype) is not None:
+            return None
+        b, h, _, d = k.shape
+        return PackedStore(codec, b, h, d, config.block, k.device, k.dtype)
     if mode == "auto":
         from ..kernels.decode_attn import triton_available
 
@@ -105,6 +114,16 @@ def make_store(
         return None
     b, h, _, d = k.shape
     return PackedStore(codec, b, h, d, config.block, k.device, k.dtype, mode == "triton")
+
+
+def _cpu_kernel(codec: Codec, d: int) -> bool:
+    """The CPU decode kernel (numba) can read both roles of ``codec`` (rotation codecs)."""
+    from ..kernels.lut_cpu import available
+
+    try:
+        return available() and all(layout_of(codec, r, d).kind == "vq" for r in _ROLES)
+    except KvshrinkError:
+        return False
 
 
 class PackedStore:
@@ -235,10 +254,15 @@ class PackedStore:
 
     # -- reading -----------------------------------------------------------------------------
     def attend(
-        self, query: torch.Tensor, scaling: float, window: tuple[torch.Tensor, torch.Tensor] | None
+        self,
+        query: torch.Tensor,
+        scaling: float,
+        window: tuple[torch.Tensor, torch.Tensor] | None,
+        held_back: int = 0,
     ) -> torch.Tensor:
         """Decode attention of ``query`` ``[B, H, 1, D]`` over the store plus the full-precision
-        window ``(k, v)`` ``[B, Hkv, W, D]`` (the new token included). Returns ``[B, 1, H, D]``."""
+        window ``(k, v)`` ``[B, Hkv, W, D]`` (the new token included). ``held_back``: the newest
+        stored tokens left unread (the window passes them exact). Returns ``[B, 1, H, D]``."""
         from ..kernels.decode_attn import Window, decode_attention
 
         b = query.shape[0]
@@ -253,19 +277,22 @@ class PackedStore:
             )
             for r in _ROLES
         ]
+        on_gpu = self.force or self.device.type == "cuda"  # else the CPU kernel, in the window's dtype
         win = None
         if window is not None:
             wk, wv = window
-            win = Window(wk.to(torch.float16), wv.to(torch.float16), self._lengths(b, wk.shape[2]))
+            if on_gpu:
+                wk, wv = wk.to(torch.float16), wv.to(torch.float16)
+            win = Window(wk, wv, self._lengths(b, wk.shape[2]))
         out = decode_attention(
             query[:, :, 0],
             packed[0],
             packed[1],
-            self._lengths(b, self.n),
+            self._lengths(b, self.n - held_back),
             win,
             codec=self.codec,
             scale=scaling,
-            backend="triton",  # validated when the store was made (kernel_unsupported)
+            backend="triton" if on_gpu else "cpu",  # validated when the store was made (make_store)
         )
         return out.unsqueeze(1)
 
