@@ -165,15 +165,15 @@ def notes(records: list[dict[str, Any]]) -> list[str]:
             )
     out += [
         "",
-        "Every packed block is read at every step. Rotation codecs are read in their rotated "
-        "basis (no per-token inverse rotation) with a chunk's blocks joined into one decode call; "
-        "FibQuant blocks are scored by table lookup on their codes at decode "
-        "(`kvshrink/cache/lut.py`); int4 and KIVI blocks decode through the codec. The `codec "
-        "decode ms/step` column is the cost of the old path (the public `decode` of every block, "
-        "one by one), kept for reference. The remaining gap to DynamicCache is the gather work "
-        "per token (16 table lookups per key and 16 histogram adds per value at k=4) against "
-        "one BLAS pass over contiguous float32 keys; closing it needs a compiled kernel over the "
-        "codes (the Triton kernels in `kvshrink.kernels` on GPU, not wired into the cache yet).",
+        "Every packed block is read at every step. Rotation codecs (TurboQuant, FibQuant) keep "
+        "a layer's blocks in one contiguous store and a decode step is one call per layer of the "
+        "compiled CPU scan (`kvshrink/kernels/decode_attn/cpu.py`: the query rotated once, "
+        "per-block tables of query-codeword dot products, lookups straight from the bit-packed "
+        "rows, a value histogram that meets the codebook once, one inverse rotation); int4 and "
+        "KIVI blocks decode through the codec in PyTorch, chunk by chunk. The `codec decode "
+        "ms/step` column is the cost of decoding every block through the codec's public "
+        "`decode`, one by one, kept for reference. TurboQuant does d lookups per token (k = 1) "
+        "where FibQuant k=4 does d/4, which is why it stays slower.",
     ]
     return out
 
