@@ -8,9 +8,9 @@ import copy
 import pytest
 import torch
 
-from kvshrink.cache import CompressedCache
 from kvshrink.kernels.lut_cpu import available
 
+from ..kernels.test_cache_store import _run as run_generate
 from ..policies.tiny import tiny_llama
 
 pytestmark = pytest.mark.skipif(not available(), reason="numba not importable")
@@ -29,20 +29,7 @@ def model():
 
 
 def _run(model, spec: str, ids, steps: int = 6, beams: int = 1):
-    cache = CompressedCache(model, spec)
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            past_key_values=cache,
-            max_new_tokens=steps,
-            do_sample=False,
-            num_beams=beams,
-            output_scores=True,
-            return_dict_in_generate=True,
-            pad_token_id=0,
-        )
-    return out, cache
+    return run_generate(model, spec, ids, torch.ones_like(ids), steps=steps, beams=beams)
 
 
 @pytest.mark.parametrize("spec", SPECS)

@@ -120,6 +120,16 @@ def _code_kernels(bits: int):
     per = 8 // bits if 8 % bits == 0 else 0
 
     @numba.njit(nogil=True, inline="always")
+    def straddled(row, j):  # pragma: no cover - compiled
+        """Index j of a row whose indices may straddle two bytes (3 or 6 bits)."""
+        pos = j * bits
+        byte = pos >> 3
+        word = np.int32(row[byte])
+        if byte + 1 < row.shape[0]:
+            word |= np.int32(row[byte + 1]) << 8
+        return (word >> (pos & 7)) & mask
+
+    @numba.njit(nogil=True, inline="always")
     def row_sum(tab, row, m, n_lev):  # pragma: no cover - compiled
         s = numba.float32(0.0)
         if per:
@@ -131,12 +141,7 @@ def _code_kernels(bits: int):
                     base += n_lev
         else:
             for j in range(m):
-                pos = j * bits
-                byte = pos >> 3
-                word = np.int32(row[byte])
-                if byte + 1 < row.shape[0]:
-                    word |= np.int32(row[byte + 1]) << 8
-                s += tab[j * n_lev + ((word >> (pos & 7)) & mask)]
+                s += tab[j * n_lev + straddled(row, j)]
         return s
 
     @numba.njit(nogil=True, inline="always")
@@ -150,12 +155,7 @@ def _code_kernels(bits: int):
                     base += n_lev
         else:
             for j in range(m):
-                pos = j * bits
-                byte = pos >> 3
-                word = np.int32(row[byte])
-                if byte + 1 < row.shape[0]:
-                    word |= np.int32(row[byte + 1]) << 8
-                h[j * n_lev + ((word >> (pos & 7)) & mask)] += wv
+                h[j * n_lev + straddled(row, j)] += wv
 
     # Loop order as in _kernels: one query row's table stays in L1 across the tokens.
     @numba.njit(nogil=True)
