@@ -17,25 +17,14 @@ from kvshrink.cache.config import parse_cache_spec
 from kvshrink.codecs.plan import merge_roles
 from kvshrink.core.errors import SpecError
 
+from ..kernels.test_cache_store import _run as run_generate
 from ..policies.tiny import VOCAB, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-OPTS = {"window": 8, "block": 16}
-
 
 def _generate(model, spec: str, ids: torch.Tensor, new: int = 6):
-    cache = CompressedCache(model, spec, **OPTS)
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            past_key_values=cache,
-            max_new_tokens=new,
-            do_sample=False,
-            output_scores=True,
-            return_dict_in_generate=True,
-            pad_token_id=0,
-        )
+    out, cache = run_generate(model, f"{spec}+cache:window=8,block=16", ids, torch.ones_like(ids), steps=new)
     return cache, out.sequences, torch.stack(out.scores)
 
 
