@@ -130,10 +130,12 @@ def test_reorder_permutes_packed_rows_without_reencoding() -> None:
 def test_small_score_tiles_give_the_same_result(monkeypatch) -> None:
     """Row tiling of prompt scores (and of H2O's observed mass) must not change anything."""
     import kvshrink.cache.layer as layer_module
+    import kvshrink.cache.observe as observe_module
 
     results = []
     for tile in (1 << 22, 97):
-        monkeypatch.setattr(layer_module, "_TILE", tile)
+        monkeypatch.setattr(layer_module, "TILE", tile)  # prompt attention
+        monkeypatch.setattr(observe_module, "TILE", tile)  # H2O's observation pass
         layer = make_layer("h2o:budget=40+fp16", window=8, block=16, chunk=24)
         assert run(layer, prompt=90, decode=6, pad_rows=11) < 1e-4
         results.append(torch.cat([s.full_pos(2, 2) for s in layer.segments()], -1))

@@ -66,8 +66,10 @@ MASK[1, :9] = False  # left padding of row 1
 @pytest.mark.parametrize("tile", [1 << 22, 150], ids=["one-tile", "tiled"])
 def test_a2sf_state_is_the_decayed_attention_sum(tile: int, monkeypatch) -> None:
     import kvshrink.cache.layer as layer_module
+    import kvshrink.cache.observe as observe_module
 
-    monkeypatch.setattr(layer_module, "_TILE", tile)
+    monkeypatch.setattr(layer_module, "TILE", tile)
+    monkeypatch.setattr(observe_module, "TILE", tile)
     alpha = 0.9
     layer = make_layer(f"a2sf:budget=1000,alpha={alpha}+fp16", window=8, block=16, chunk=24)
     g = torch.Generator().manual_seed(1)

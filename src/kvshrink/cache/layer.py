@@ -25,20 +25,20 @@ from transformers.cache_utils import CacheLayerMixin
 
 from ..codecs import Codec
 from ..core.errors import InputError
-from ..policies import UNIFORM, Decision, LayerView, Observation, Policy
-from .attention import OnlineSoftmax, allowed_mask, attend_own_tokens
+from ..policies import Decision, LayerView, Observation, Policy
+from .attention import OnlineSoftmax, attend_own_tokens
+from .chunks import chunk_mask, read_chunks
 from .compact import compact, reclaimable
 from .compensation import Compensation
 from .config import CacheConfig
-from .lut import LUT_MAX_ROWS, lut_group
+from .lut import LUT_MAX_ROWS
+from .observe import TILE, observe_slots
 from .pages import make_page_table, narrow
 from .precision import demote, low_slots
-from .segment import Segment, cat_dense, decode_packed_group, encode_segment
+from .segment import Segment, cat_dense, encode_segment
 from .store import PackedStore, make_store
 
 __all__ = ["CompressedLayer"]
-
-_TILE = 1 << 22  # score elements per (query rows x keys) tile in a prompt forward (16 MiB fp32)
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -248,7 +248,7 @@ class CompressedLayer(CacheLayerMixin):
             read = sources
         lut = basis is not None and nq * (query.shape[1] // self.heads) <= LUT_MAX_ROWS
         for k, v, seg, sel, rot in self._reads(read, query, basis is not None, lut):
-            rows = max(1, _TILE // max(1, query.shape[0] * query.shape[1] * seg.size))
+            rows = max(1, TILE // max(1, query.shape[0] * query.shape[1] * seg.size))
             for r0 in range(0, nq, rows):
                 r1 = min(nq, r0 + rows)
                 allowed, skip = self._mask(seg, qcols[r0:r1], pad2d)
@@ -286,53 +286,8 @@ class CompressedLayer(CacheLayerMixin):
         n_obs: int,
         pad2d: torch.Tensor | None,
     ) -> Observation:
-        """What the last ``n_obs`` queries did to every slot (see :class:`Observation`)."""
         assert self.policy is not None
-        threshold = self.policy.hit_threshold()
-        if qcols.numel() == 1:
-            return Observation(*state.captured_observation(threshold))
-        nq, r_first = qcols.numel(), qcols.numel() - n_obs
-        decay = self.policy.query_decay()
-        weights = None
-        if decay != 1.0:  # w_r = decay ** (rows after r), in float64 so it underflows to exactly 0
-            weights = (decay ** torch.arange(n_obs - 1, -1, -1, dtype=torch.float64)).float()
-            weights = weights.to(qcols.device)
-        counts = self._visible(sources, qcols[r_first:], pad2d) if threshold == UNIFORM else None
-        sums: list[list[torch.Tensor]] = [[], [], []]
-        for k, _, seg, rot in self._chunks(sources, state.basis is not None):
-            piece = [torch.zeros(self.batch, self.heads, seg.size, device=qcols.device) for _ in range(3)]
-            rows = max(1, _TILE // max(1, self.batch * self.heads * state.shape[2] * seg.size))
-            for r0 in range(r_first, nq, rows):  # tiled: H2O and A2SF observe every prompt query
-                r1 = min(nq, r0 + rows)
-                allowed, skip = self._mask(seg, qcols[r0:r1], pad2d)
-                if skip:
-                    continue
-                w = None if weights is None else weights[r0 - r_first : r1 - r_first]
-                theta = threshold if counts is None else 1.0 / counts[..., r0 - r_first : r1 - r_first]
-                theta_ = None if threshold is None else theta
-                got = state.observe(k, allowed, r0, r1, w, theta_, rot)  # type: ignore[arg-type]
-                for acc, value in zip(piece, got):
-                    if value is not None:
-                        acc += value
-            for out, value in zip(sums, piece):
-                out.append(value)
-        mass, hits, seen = (torch.cat(parts, dim=-1) for parts in sums)
-        return Observation(mass, None, None) if threshold is None else Observation(mass, hits, seen)
-
-    def _visible(
-        self, sources: list[Segment], qcols: torch.Tensor, pad2d: torch.Tensor | None
-    ) -> torch.Tensor:
-        """``[B, Hkv, Q]``: how many slots each query column may attend (at least 1)."""
-        counts = torch.zeros(self.batch, self.heads, qcols.numel(), device=qcols.device)
-        for seg in sources:
-            rows = max(1, _TILE // max(1, self.batch * self.heads * seg.size))
-            for r0 in range(0, qcols.numel(), rows):
-                r1 = min(qcols.numel(), r0 + rows)
-                allowed, skip = self._mask(seg, qcols[r0:r1], pad2d)
-                if skip:
-                    continue
-                counts[..., r0:r1] += seg.size if allowed is None else allowed.sum(-1)
-        return counts.clamp_min(1)
+        return observe_slots(self, self.policy, state, sources, qcols, n_obs, pad2d)
 
     def _reads(self, read: list[Segment], query: torch.Tensor, rotated: bool, lut: bool):
         """Yield ``(k, v, seg, sel, rotated)`` over ``read``; ``sel`` restricts packed pages to
@@ -360,74 +315,12 @@ class CompressedLayer(CacheLayerMixin):
         return codec.rotation(dq)  # type: ignore[attr-defined]
 
     def _chunks(self, sources: list[Segment], rotated: bool = False, lut: bool = False):
-        """Yield ``(k, v, seg, rotated)``: float32 keys/values of consecutive slots, about
-        ``chunk`` at a time; a chunk is all packed or all dense, and packed chunks come in the
-        codec's rotated basis when ``rotated``; with ``lut`` (few query rows) packed chunks
-        come as codes for table lookup (:mod:`.lut`) where the codec allows."""
-        limit = self.config.chunk
-        pieces: list[Segment] = []
-        for seg in sources:
-            if seg.packed or seg.size <= limit:
-                pieces.append(seg)
-            else:
-                pieces.extend(seg.slice(a, min(a + limit, seg.size)) for a in range(0, seg.size, limit))
-        group: list[Segment] = []
-        size = 0
-        for seg in [*pieces, None]:  # type: ignore[list-item]
-            if group and (
-                seg is None
-                or size + seg.size > limit
-                or seg.packed != group[0].packed
-                or seg.codec is not group[0].codec  # low-precision runs: another codec
-            ):
-                main = group[0].packed and group[0].codec is None  # low runs decode plainly
-                codes = lut_group(self.codec, group) if lut and main else None
-                if codes is not None:
-                    yield codes[0], codes[1], self._meta(group), True
-                else:
-                    yield self._merge(group, rotated and main)
-                group, size = [], 0
-            if seg is not None:
-                group.append(seg)
-                size += seg.size
-
-    def _merge(self, group: list[Segment], rotated: bool) -> tuple[torch.Tensor, torch.Tensor, Segment, bool]:
-        if group[0].packed:
-            k, v = decode_packed_group(group[0].codec or self.codec, group, rotated)
-        else:
-            dense = [s.dense(self.codec) for s in group]
-            k = dense[0][0] if len(dense) == 1 else torch.cat([d[0] for d in dense], dim=2)
-            v = dense[0][1] if len(dense) == 1 else torch.cat([d[1] for d in dense], dim=2)
-        return k, v, self._meta(group), rotated
-
-    @staticmethod
-    def _meta(group: list[Segment]) -> Segment:
-        """Bookkeeping of consecutive segments read as one chunk."""
-        if len(group) == 1:
-            return group[0]
-        b = max(s.pos.shape[0] for s in group)
-        h = max(s.pos.shape[1] for s in group)
-        pos = torch.cat([s.pos.expand(b, h, s.size) for s in group], dim=-1)
-        live = [s for s in group if s.hi >= 0]
-        meta = Segment(
-            pos=pos,
-            lo=min((s.lo for s in live), default=group[0].lo),
-            hi=max((s.hi for s in live), default=-1),
-            full=all(s.full for s in group),
-        )
-        return meta
+        return read_chunks(self.codec, sources, self.config.chunk, rotated, lut)
 
     def _mask(
         self, seg: Segment, qcols: torch.Tensor, pad2d: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, bool]:
-        """``(allowed, skip)`` for chunk ``seg`` and query columns ``qcols``."""
-        qa, qb = int(qcols[0]), int(qcols[-1])
-        w = self.sliding_window
-        if seg.lo > qb or seg.hi < 0 or (w is not None and seg.hi <= qa - w):
-            return None, True
-        if pad2d is None and seg.full and seg.hi <= qa and (w is None or seg.lo > qb - w):
-            return None, False
-        return allowed_mask(seg.pos, qcols, w, pad2d), False
+        return chunk_mask(seg, qcols, pad2d, self.sliding_window)
 
     # -- commit: scores, policy, reclaim, flush ----------------------------------------------
     def _commit(self, new: Segment, new_valid: torch.Tensor | None, obs: Observation | None) -> None:
