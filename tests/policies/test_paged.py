@@ -65,6 +65,8 @@ def test_quest_digest_is_the_live_min_max_and_arkvale_the_cuboid_mean() -> None:
     torch.testing.assert_close(ahi[1, 1], c + r)
     torch.testing.assert_close(alo[1, 1], c - r)
     assert bool((ahi <= hi + 1e-6).all()) and bool((alo >= lo - 1e-6).all())  # tighter than Quest's box
+    bhi, blo = digest_of("arkvale:budget=512,digest=box", keys, live)
+    assert torch.equal(bhi, hi) and torch.equal(blo, lo)  # digest=box is Quest's min/max
 
 
 @settings(max_examples=60, deadline=None)
@@ -164,6 +166,7 @@ def test_ratio_scales_the_pages_with_the_tokens_seen() -> None:
         ("quest:budget=32,page=16", "must be >= 48"),
         ("arkvale:ratio=1.0", "ratio"),
         ("arkvale:budget=512,group=sum", "group must be 'mean' or 'max'"),
+        ("arkvale:budget=512,digest=minmax", "digest must be 'cuboid' or 'box'"),
         ("quest:budget=64,foo=1", "unknown option"),
         ("quets:budget=64", "did you mean quest"),
     ],
