@@ -3,7 +3,7 @@
 Runs the target rows in one process on the same cases: the uncompressed ``DynamicCache``,
 every kvpress press (StreamingLLM, SnapKV, Knorm, ExpectedAttention, TOVA) at ratio 0.75 and
 0.875 (4x and 8x fewer tokens), and the kvshrink candidates for each level, on the needle
-(``niah_single``, 2048 tokens) and multi-turn (``multiturn``, 1024 tokens) tasks, lengths
+(``niah_single``, 2048 tokens) and two-turn (``multiturn:turns=2``, 1024 tokens) tasks, lengths
 where the uncompressed model scored >= 80% on CPU. The verdict per level compares the best
 kvshrink row whose measured total compression ratio is at least every press's at that level
 with the strongest press, per task and length; the target is a lead of >= 30 points at 8x.
@@ -45,7 +45,8 @@ from kvshrink.tasks import Haystack, make_task, tokenizer_counter
 
 STEM = "longbench-smollm2"
 #: task -> lengths where the uncompressed model scored >= 80% on CPU (docs/results/longbench-smollm2-notes.md)
-TARGETS = {"niah_single": (2048,), "multiturn": (1024,)}
+#: (4-turn sessions score 65-70% uncompressed at 512-1024 tokens; 2 turns scored 12/12 at 1024)
+TARGETS = {"niah_single": (2048,), "multiturn:turns=2": (1024,)}
 #: level (x fewer bytes) -> kvpress ratio (fraction removed) and the kvshrink candidates for it.
 #: Small packed blocks and no extra fp16 window keep the fp16 share low enough to match the
 #: presses' measured ratios (they keep the question whole: 3.6x and 6.35x at 1024 tokens).
@@ -80,14 +81,16 @@ LEVELS = {
 
 #: ArkVale at >= 8x fewer *resident* bytes (issue 5: needle accuracy within 5 points of the
 #: uncompressed cache). 512 resident tokens per KV head of ~2100 (pages of 32: a sink page, two
-#: window pages, 13 recalled by the question's last query), every page packed by FibQuant; the
-#: host backup keeps every page, so the total ratio is the codec's alone. An fp16 ArkVale row
-#: shows why the codec is needed: at page 16 its digests and partial page cap it near 5x.
+#: window pages, 13 recalled by the current query), every page packed by FibQuant at 4 bits; the
+#: host backup keeps every page, so the total ratio is the codec's alone. fp16 pages cannot get
+#: there: their digests and partial page cap ArkVale near 5x resident at budget 256 (page 16),
+#: which lost a third of the needles (longbench-smollm2-notes.md). ``group=max`` lets the one
+#: query head that wants a page recall it (the mean dilutes a retrieval head among three).
 RECALL_LEVEL = 8.0
 RECALL = [
     "arkvale:budget=512+fibquant:b=4,k=2",
-    "arkvale:budget=512+fibquant:b=3.5,k=2",
-    "arkvale:budget=256,page=16,dense_layers=0+fp16",
+    "arkvale:budget=512,group=max+fibquant:b=4,k=2",
+    "arkvale:budget=512,group=max,digest=box+fibquant:b=4,k=2",
 ]
 
 
@@ -249,6 +252,11 @@ def main() -> int:
         action="store_true",
         help="continue from the per-case results saved in --out by an earlier run of the same methods and tasks",
     )
+    ap.add_argument(
+        "--only",
+        default="",
+        help='with --recall: run these ArkVale rows "spec;spec" instead of the listed ones',
+    )
     ap.add_argument("--smoke", action="store_true", help="1 case at 512 tokens, to check the script")
     ap.add_argument("--render", action="store_true", help="only re-render md/png from the JSON in --out")
     args = ap.parse_args()
@@ -275,7 +283,8 @@ def main() -> int:
         )
     if args.recall:
         levels = {}
-        specs = ["none", *RECALL, *extra]
+        only = [x.strip() for x in args.only.split(";") if x.strip()]
+        specs = ["none", *(only or RECALL), *extra]
         task_specs = args.tasks if args.tasks != ";".join(TARGETS) else "niah_single"
     else:
         specs = method_specs(levels, kvpress_available())
