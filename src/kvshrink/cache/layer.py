@@ -260,7 +260,10 @@ class CompressedLayer(CacheLayerMixin):
             self.comp.attend(state, qcols)
         out = state.result().to(query.dtype).transpose(1, 2).contiguous()
 
-        obs = self._observe(state, sources, qcols, n_obs, pad2d) if n_obs else None
+        obs = None
+        if n_obs:
+            assert self.policy is not None  # n_obs > 0 only with a policy
+            obs = observe_slots(self, self.policy, state, sources, qcols, n_obs, pad2d)
         self._commit(new, new_valid, obs)
         if self.pages is not None:
             self.pages.sync(self.blocks, query, self.seen_valid)  # type: ignore[arg-type]
@@ -277,17 +280,6 @@ class CompressedLayer(CacheLayerMixin):
             and not pad_read
             and (w is None or w.full or not w.size)
         )
-
-    def _observe(
-        self,
-        state: OnlineSoftmax,
-        sources: list[Segment],
-        qcols: torch.Tensor,
-        n_obs: int,
-        pad2d: torch.Tensor | None,
-    ) -> Observation:
-        assert self.policy is not None
-        return observe_slots(self, self.policy, state, sources, qcols, n_obs, pad2d)
 
     def _reads(self, read: list[Segment], query: torch.Tensor, rotated: bool, lut: bool):
         """Yield ``(k, v, seg, sel, rotated)`` over ``read``; ``sel`` restricts packed pages to
