@@ -11,10 +11,12 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvshrink.cache import CompressedCache
 from kvshrink.cache.attention import allowed_mask
-from kvshrink.cache.pages import PageTable, _heads
+from kvshrink.cache.pages import PageTable, _heads, _int8_outward
 from kvshrink.codecs import Packed
 from kvshrink.core import InputError
 
@@ -60,7 +62,11 @@ def brute_pick(layer, query: torch.Tensor, rows: int) -> torch.Tensor:
                     hi, lo = layer.pages.policy.digest(
                         ks[None, None], torch.ones(1, 1, len(ks), dtype=torch.bool)
                     )
-                    hi, lo = hi[0, 0].half().float(), lo[0, 0].half().float()
+                    if cfg.dbits == 8:
+                        hq, lq, sc = _int8_outward(hi, lo)
+                        hi, lo = hq[0, 0].float() * sc[0, 0].float(), lq[0, 0].float() * sc[0, 0].float()
+                    else:
+                        hi, lo = hi[0, 0].half().float(), lo[0, 0].half().float()
                     qs = query[i, kh * g : (kh + 1) * g, qr].float()
                     per_head = torch.maximum(qs * hi, qs * lo).sum(-1)
                     scores.append(float(per_head.mean() if cfg.group == "mean" else per_head.max()))
@@ -136,8 +142,9 @@ def drive(layer, chunks, pad_rows=0, seed=0, hk=2, grp=3, d=32):
         "quest:budget=64,page=8,sinks=1,window=1,dense_layers=0+int8",
         "arkvale:budget=56,page=8,dense_layers=0+int4",
         "arkvale:budget=56,page=8,dense_layers=0,group=max,window=0+fp16",
+        "arkvale:budget=56,page=8,dense_layers=0,digest=box,dbits=8+int4",
     ],
-    ids=["quest", "arkvale", "arkvale-max"],
+    ids=["quest", "arkvale", "arkvale-max", "arkvale-int8-digests"],
 )
 def test_paged_layer_reads_exactly_the_selected_pages(spec: str) -> None:
     layer = make_layer(spec, chunk=20)
@@ -202,6 +209,37 @@ def test_reorder_and_deepcopy_keep_pages_and_backups_consistent() -> None:
     torch.testing.assert_close(outs[0][1], outs[1][1])  # each beam continues its own row 1
     torch.testing.assert_close(outs[0][0], outs[2][1])
     assert torch.equal(layer.pages.resident[0], forks[1].pages.resident[1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 40),
+    st.floats(1e-3, 1e3),
+    st.integers(0, 2**31 - 1),
+)
+def test_int8_digests_contain_the_float_box(d: int, spread: float, seed: int) -> None:
+    """Outward int8 rounding: the stored box always contains the exact one, and stays tight."""
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(3, 2, 7, d, generator=g) * spread
+    hi, lo = keys.amax(2), keys.amin(2)
+    hq, lq, sc = _int8_outward(hi, lo)
+    assert hq.dtype == lq.dtype == torch.int8 and sc.dtype == torch.float32 and sc.shape == (3, 2)
+    sf = sc[..., None]
+    assert bool((hq.float() * sf >= hi).all()) and bool((lq.float() * sf <= lo).all())
+    top = torch.maximum(hi.abs(), lo.abs()).amax(-1, keepdim=True)
+    assert float(((hq.float() * sf - hi) / top).max()) <= 2 / 126 + 1e-3  # at most ~2 steps wide
+
+
+def test_int8_digests_halve_the_digest_bytes() -> None:
+    sizes = {}
+    for bits in (16, 8):
+        layer = make_layer(f"arkvale:budget=40,page=8,dense_layers=0,dbits={bits}+int8", chunk=32)
+        drive(layer, [64] + [1] * 3)
+        sizes[bits] = layer.pages.nbytes(set())[1]
+        if bits == 8:
+            assert layer.pages.hi.dtype == torch.int8 and layer.pages.dscale is not None
+    b, p, hk, d = 2, 8, 2, 32  # rows, pages, KV heads, head dim of drive()
+    assert sizes[16] - sizes[8] == b * (2 * hk * p * d - 4 * hk * p)  # int8 corners + a float32 scale
 
 
 def test_heads_of_a_packed_layout_that_mixes_heads_are_refused() -> None:

@@ -167,6 +167,7 @@ def test_ratio_scales_the_pages_with_the_tokens_seen() -> None:
         ("arkvale:ratio=1.0", "ratio"),
         ("arkvale:budget=512,group=sum", "group must be 'mean' or 'max'"),
         ("arkvale:budget=512,digest=minmax", "digest must be 'cuboid' or 'box'"),
+        ("quest:budget=64,dbits=4", "dbits must be 8 or 16"),
         ("quest:budget=64,foo=1", "unknown option"),
         ("quets:budget=64", "did you mean quest"),
     ],

@@ -8,7 +8,9 @@ A :class:`PageTable` sits beside the packed blocks of one layer whose policy is 
   keys attention scores: Quest's min/max box is then a true bound of the logits actually
   computed, codec error included (one extra key decode per page, once). They are stored in
   float16 rounded outwards (``hi`` up, ``lo`` down), so the bound survives the rounding; their
-  bytes count as resident bookkeeping.
+  bytes count as resident bookkeeping. With the policy's ``dbits=8`` they are int8 with one
+  float32 scale per page and KV head, again rounded outwards: half the bytes, which at 16-token
+  pages is what keeps a recall policy's resident set near 8x (a digest is 2·D values per page).
 - Read: before a forward reads the blocks, :meth:`PageTable.select` shows the policy the
   digests and the queries and gets the pages to read per row, KV head (and query);
   :meth:`PageTable.read` decodes only pages someone reads and yields them with that mask.
@@ -66,6 +68,19 @@ def _outward(x: torch.Tensor, up: bool) -> torch.Tensor:
     return h
 
 
+def _int8_outward(hi: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(hi_q, lo_q, scale)``: int8 corners and a float32 scale per page-head whose box
+    ``[lo_q·scale, hi_q·scale]`` contains ``[lo, hi]`` (checked in float32, as scores use it)."""
+    top = torch.maximum(hi.abs(), lo.abs()).amax(-1).float()
+    scale = (top / 126.0).clamp_min(torch.finfo(torch.float32).tiny)
+    sf = scale[..., None]
+    hq = torch.ceil(hi / sf)
+    hq = hq + (hq * sf < hi).float()  # division rounding: one step is always enough
+    lq = torch.floor(lo / sf)
+    lq = lq - (lq * sf > lo).float()
+    return hq.clamp(-127, 127).to(torch.int8), lq.clamp(-127, 127).to(torch.int8), scale
+
+
 def _heads(p: Packed, heads: torch.Tensor, device: torch.device) -> Packed:
     """KV heads ``heads`` of a row's packed ``[Hkv, T, D]`` (every codec tensor leads with Hkv)."""
     n = p.shape[0]
@@ -113,6 +128,7 @@ class PageTable:
         self.n = 0
         self.hi: torch.Tensor | None = None
         self.lo: torch.Tensor | None = None
+        self.dscale: torch.Tensor | None = None  # [B, Hkv, P] float32, dbits=8 only
         self.counts: torch.Tensor | None = None
         self.resident: torch.Tensor | None = None
         self.copies: list[list[_Copy | None]] = []
@@ -129,14 +145,20 @@ class PageTable:
         if not new:
             return
         b, hk = query.shape[0], new[0].keys[0].shape[0]  # type: ignore[index]
-        his, los, counts = [], [], []
+        his, los, counts, scales = [], [], [], []
         for seg in new:
             assert seg.keys is not None and seg.values is not None
             keys = torch.stack([self.codec.decode(p, torch.float32) for p in seg.keys])
             live = seg.full_pos(b, hk) >= 0
             hi, lo = self.policy.digest(keys, live)
-            his.append(_outward(hi, up=True))
-            los.append(_outward(lo, up=False))
+            if self.policy.config.dbits == 8:
+                hq, lq, sc = _int8_outward(hi, lo)
+                his.append(hq)
+                los.append(lq)
+                scales.append(sc)
+            else:
+                his.append(_outward(hi, up=True))
+                los.append(_outward(lo, up=False))
             counts.append(live.sum(-1, dtype=torch.int32))
             if self.policy.recall:  # a fresh page is resident in the heads it holds tokens of
                 row_copies: list[_Copy | None] = []
@@ -151,6 +173,8 @@ class PageTable:
                 seg.keys = [_to_host(p) for p in seg.keys]
                 seg.values = [_to_host(p) for p in seg.values]
         self.hi, self.lo = _append(self.hi, his), _append(self.lo, los)
+        if scales:
+            self.dscale = _append(self.dscale, scales)
         self.counts = _append(self.counts, counts)
         self.resident = _append(self.resident, [c > 0 for c in counts])
         self.n = len(blocks)
@@ -164,8 +188,12 @@ class PageTable:
         b, h, nq, d = query.shape
         hk = self.hi.shape[1]
         grouped = query.float().reshape(b, hk, h // hk, nq, d)
+        hi, lo = self.hi, self.lo
+        if self.dscale is not None:
+            sf = self.dscale[..., None]
+            hi, lo = hi.float() * sf, lo.float() * sf
         return PageView(
-            self.layer_idx, grouped, self.hi, self.lo, self.counts > 0, self.resident, seen_valid, self.dense
+            self.layer_idx, grouped, hi, lo, self.counts > 0, self.resident, seen_valid, self.dense
         )
 
     def select(
@@ -259,8 +287,10 @@ class PageTable:
         """Keep batch rows ``idx`` (beam reorder, selection, repetition), like the blocks."""
         if self.n == 0:
             return
-        for name in ("hi", "lo", "counts", "resident"):
+        for name in ("hi", "lo", "counts", "resident", "dscale"):
             t = getattr(self, name)
+            if t is None:
+                continue
             setattr(self, name, t.index_select(0, idx.to(t.device)))
         rows = idx.tolist()
         self.copies = [[page[i] for i in rows] for page in self.copies]
@@ -275,7 +305,7 @@ class PageTable:
                         if id(p) not in seen:
                             seen.add(id(p))
                             packed += p.nbytes()  # type: ignore[union-attr]
-        tensors = [t for t in (self.hi, self.lo, self.counts, self.resident) if t is not None]
+        tensors = [t for t in (self.hi, self.lo, self.dscale, self.counts, self.resident) if t is not None]
         return packed, sum(t.numel() * t.element_size() for t in tensors)
 
     def evicted_live(self) -> float:

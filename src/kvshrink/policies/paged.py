@@ -48,11 +48,14 @@ class PagePolicyConfig(PolicyConfig):
     window: int = 2
     dense_layers: int = 2
     group: str = "mean"  # how a KV head combines its query heads' page scores: mean or max
+    dbits: int = 16  # digest storage: 16 (float16) or 8 (int8 + a float32 scale per page and head)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.group not in ("mean", "max"):
             raise SpecError(f"{self.name}: group must be 'mean' or 'max', got {self.group!r}")
+        if self.dbits not in (8, 16):
+            raise SpecError(f"{self.name}: dbits must be 8 or 16, got {self.dbits}")
         for key, low in (("page", 1), ("sinks", 0), ("window", 0), ("dense_layers", 0)):
             if getattr(self, key) < low:
                 raise SpecError(f"{self.name}: {key} must be >= {low}, got {getattr(self, key)}")
