@@ -55,11 +55,18 @@ METHODS = [
     "fibquant:b=1,k=8",
 ]
 CONFIGS = [  # the sweep that set kernel.py's defaults (sub=True: the sub-stream kernel where it applies)
-    {"BT": 128, "num_warps": 4, "num_stages": 2, "sub": True},
-    {"BT": 64, "num_warps": 4, "num_stages": 2, "sub": True},
-    {"BT": 128, "num_warps": 8, "num_stages": 2, "sub": True},
-    {"BT": 64, "num_warps": 4, "num_stages": 3, "sub": True},
-    {"BT": 128, "num_warps": 4, "num_stages": 2, "sub": False},
+    {"BT": 128, "num_warps": 4, "num_stages": 2, "sub": True, "prefetch": False},
+    {"BT": 64, "num_warps": 4, "num_stages": 2, "sub": True, "prefetch": False},
+    {"BT": 128, "num_warps": 8, "num_stages": 2, "sub": True, "prefetch": False},
+    {"BT": 64, "num_warps": 4, "num_stages": 3, "sub": True, "prefetch": False},
+    {"BT": 128, "num_warps": 4, "num_stages": 2, "sub": False, "prefetch": False},
+    # the general kernel with the next block's codes in flight (prefetch), and/or codewords by
+    # tl.gather from a shared-memory codebook (gather); sub=None: the kernel kernel.py picks
+    {"BT": 128, "num_warps": 4, "num_stages": 2, "sub": None, "prefetch": True},
+    {"BT": 64, "num_warps": 4, "num_stages": 2, "sub": None, "prefetch": True},
+    {"BT": 128, "num_warps": 4, "num_stages": 2, "sub": None, "prefetch": False, "gather": True},
+    {"BT": 128, "num_warps": 4, "num_stages": 2, "sub": None, "prefetch": True, "gather": True},
+    {"BT": 64, "num_warps": 4, "num_stages": 2, "sub": None, "prefetch": False, "gather": True},
 ]
 
 
@@ -315,7 +322,7 @@ def main() -> None:
         lengths = torch.full((b,), L - WIN, device="cuda", dtype=torch.int32)
         configs = CONFIGS[:1] if (args.no_sweep or args.quick) else CONFIGS
         if layout_of(codec, "key", D).vec > 1:  # only the stream-major kernel takes vector codes
-            configs = [c for c in configs if c.get("sub", True)]
+            configs = [c for c in configs if c.get("sub") is not False]
         if method == "turboquant:b=2" and not args.quick:
             configs = [*configs, {**CONFIGS[0], "select": True}]
         for cfg in configs:

@@ -105,6 +105,29 @@ def test_decode_attention_triton_stream_major(name: str) -> None:
     assert_close_to_reference(out, q, pk, pv, lengths, window, codec)
 
 
+@pytest.mark.parametrize("name", ["int4", "kivi2", "tq-b4", "fq-k4-b8"])
+def test_decode_attention_triton_prefetch(name: str) -> None:
+    """The general kernel with the next block's codes loaded one iteration ahead: same output."""
+    pytest.importorskip("triton")
+    codec = CODECS[name]()
+    q, pk, pv, lengths, window = _case(codec, seed=11)
+    cfg = {"sub": False, "prefetch": True, "BT": 32}
+    out = decode_attention(q, pk, pv, lengths, window, codec=codec, backend="triton", config=cfg)
+    assert_close_to_reference(out, q, pk, pv, lengths, window, codec)
+
+
+@pytest.mark.parametrize("name", ["tq-b2", "tq-b4", "fq-k2-b4", "fq-k4-b8"])
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_decode_attention_triton_smem_gather(name: str, prefetch: bool) -> None:
+    """Codewords by ``tl.gather`` from a shared-memory codebook tile: same output."""
+    pytest.importorskip("triton")
+    codec = CODECS[name]()
+    q, pk, pv, lengths, window = _case(codec, seed=12)
+    cfg = {"sub": False, "gather": True, "prefetch": prefetch, "BT": 32}
+    out = decode_attention(q, pk, pv, lengths, window, codec=codec, backend="triton", config=cfg)
+    assert_close_to_reference(out, q, pk, pv, lengths, window, codec)
+
+
 @pytest.mark.parametrize("select", [True, False], ids=["select", "gather"])
 def test_decode_attention_triton_no_window_gqa4(select: bool) -> None:
     pytest.importorskip("triton")

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from ...codecs.base import Codec, Packed
 from ..layout import CodeLayout, layout_of, packed_unsupported, rotation_matrix
-from .kernel_sub import _split_sub_kernel, _window_partial
+from .kernel_sub import _split_sub_kernel, _window_partial, _words
 from .reference import Window
 
 __all__ = ["DecodeConfig", "decode_attention_triton"]
@@ -53,29 +53,20 @@ def _chan(D: tl.constexpr, P: tl.constexpr, NW: tl.constexpr, VEC: tl.constexpr)
 
 
 @triton.jit
-def _indices(
-    c_ptr,
-    rows,
-    tmask,
-    RB: tl.constexpr,
-    BITS: tl.constexpr,
-    P: tl.constexpr,
-    NW: tl.constexpr,
-    WB: tl.constexpr,
-    BT: tl.constexpr,
-):
-    """Unpack a ``[BT, P·NW]`` tile of indices, stream-major (position ``r·NW + w`` = index ``P·w + r``)."""
-    w = tl.arange(0, NW)
-    base = c_ptr + rows[:, None] * RB  # [BT, 1]
+def _load_words(c_ptr, rows, tmask, RB: tl.constexpr, NW: tl.constexpr, WB: tl.constexpr):
+    """``[BT, NW]`` words as loaded: bytes stay uint8 (4 to a register while a prefetched tile waits)."""
     if WB == 1:
-        words = tl.load(base + w[None, :], mask=tmask[:, None], other=0).to(tl.int32)  # [BT, NW]
-    else:  # 3-byte words: 8 three-bit or 4 six-bit indices, little-endian
-        b0 = tl.load(base + 3 * w[None, :], mask=tmask[:, None], other=0).to(tl.int32)
-        b1 = tl.load(base + 3 * w[None, :] + 1, mask=tmask[:, None], other=0).to(tl.int32)
-        b2 = tl.load(base + 3 * w[None, :] + 2, mask=tmask[:, None], other=0).to(tl.int32)
-        words = b0 | (b1 << 8) | (b2 << 16)
+        words = tl.load(c_ptr + rows[:, None] * RB + tl.arange(0, NW)[None, :], mask=tmask[:, None], other=0)
+    else:
+        words = _words(c_ptr, rows, tmask, RB, NW, WB)
+    return words
+
+
+@triton.jit
+def _unpack(words, BITS: tl.constexpr, P: tl.constexpr, NW: tl.constexpr, BT: tl.constexpr):
+    """Indices of a ``[BT, NW]`` word tile, stream-major (position ``r·NW + w`` = index ``P·w + r``)."""
     shifts = tl.arange(0, P) * BITS
-    idx = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)  # [BT, P, NW]
+    idx = (words.to(tl.int32)[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)  # [BT, P, NW]
     return tl.reshape(idx, (BT, P * NW))
 
 
@@ -105,10 +96,25 @@ def _values(
     BT: tl.constexpr,
     P: tl.constexpr,
     NW: tl.constexpr,
+    cbt,
+    GATHER: tl.constexpr,
 ):
-    """Values of a tile of indices, fp16 ``[BT, D]`` in stream-major order (VQ: rotated, unit norm)."""
+    """Values of a tile of indices, fp16 ``[BT, D]`` in stream-major order (VQ: rotated, unit norm).
+
+    ``GATHER``: codewords come from ``cbt``, the codebook held in registers (``[N, D]`` levels
+    broadcast over channels for ``VEC == 1``, ``[N, VEC]`` otherwise), by ``tl.gather``, which
+    stages it in shared memory: one bank access per element instead of an L1 request that touches
+    as many 128-byte lines as the warp's indices do."""
     if KIND == 2:
-        if SEL:  # N <= 4 scalar levels: selects beat a gather
+        if GATHER:
+            if VEC == 1:
+                y = tl.gather(cbt, idx, 0)
+            else:
+                R: tl.constexpr = D // VEC
+                full = tl.broadcast_to(idx[:, :, None], (BT, R, VEC))
+                y = tl.gather(cbt, tl.reshape(full, (BT * R, VEC)), 0)
+                y = tl.reshape(y, (BT, D))
+        elif SEL:  # N <= 4 scalar levels: selects beat a gather
             c0 = tl.load(cb_ptr)
             c1 = tl.load(cb_ptr + 1)
             if NLEV == 2:
@@ -142,6 +148,22 @@ def _values(
             mn = tl.load(m_ptr + srow[:, None] * D + chan[None, :], mask=gmask[:, None], other=0.0)
             x = x + mn.to(tl.float32)[:, None, :]
         return tl.reshape(x, (BT, D)).to(tl.float16)
+
+
+@triton.jit
+def _codebook_tile(
+    cb_ptr, KIND: tl.constexpr, N: tl.constexpr, VEC: tl.constexpr, D: tl.constexpr, GATHER: tl.constexpr
+):
+    """The codebook as a register tile for ``tl.gather`` (a 1-element dummy when unused)."""
+    if GATHER and KIND == 2:
+        n = tl.arange(0, N)
+        if VEC == 1:
+            cbt = tl.load(cb_ptr + n[:, None] + 0 * tl.arange(0, D)[None, :]).to(tl.float16)
+        else:
+            cbt = tl.load(cb_ptr + n[:, None] * VEC + tl.arange(0, VEC)[None, :]).to(tl.float16)
+    else:
+        cbt = tl.zeros([1, 1], tl.float16)
+    return cbt
 
 
 @triton.jit
@@ -203,6 +225,8 @@ def _split_kernel(
     V_NG: tl.constexpr,
     V_ZERO: tl.constexpr,
     V_MIN: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    GATHER: tl.constexpr,
 ):
     sid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -229,11 +253,41 @@ def _split_kernel(
             m_i = tl.full([BG], float("-inf"), tl.float32)
             l_i = tl.zeros([BG], tl.float32)
             acc = tl.zeros([BG, D], tl.float32)
+            cbt_k = _codebook_tile(cbk_ptr, K_KIND, K_NLEV, K_VEC, D, GATHER)
+            cbt_v = _codebook_tile(cbv_ptr, V_KIND, V_NLEV, V_VEC, D, GATHER)
+            if PREFETCH:  # registers double-buffer the next block's codes and norms (latency)
+                offs = start + tl.arange(0, BT)
+                rows = bh.to(tl.int64) * T + offs
+                wk_n = _load_words(kc_ptr, rows, offs < end, K_RB, K_NW, K_WB)
+                wv_n = _load_words(vc_ptr, rows, offs < end, V_RB, V_NW, V_WB)
+                if K_KIND == 2:
+                    nk_n = tl.load(ks_ptr + rows, mask=offs < end, other=0.0)
+                if V_KIND == 2:
+                    nv_n = tl.load(vs_ptr + rows, mask=offs < end, other=0.0)
             for t0 in range(start, end, BT):
                 offs = t0 + tl.arange(0, BT)
                 tmask = offs < end
                 rows = bh.to(tl.int64) * T + offs  # [BT] packed rows
-                ik = _indices(kc_ptr, rows, tmask, K_RB, K_BITS, K_P, K_NW, K_WB, BT)
+                if PREFETCH:
+                    wk = wk_n
+                    wv = wv_n
+                    nmask = (offs + BT) < end
+                    wk_n = _load_words(kc_ptr, rows + BT, nmask, K_RB, K_NW, K_WB)
+                    wv_n = _load_words(vc_ptr, rows + BT, nmask, V_RB, V_NW, V_WB)
+                    if K_KIND == 2:
+                        nk = nk_n.to(tl.float32)
+                        nk_n = tl.load(ks_ptr + rows + BT, mask=nmask, other=0.0)
+                    if V_KIND == 2:
+                        nv = nv_n.to(tl.float32)
+                        nv_n = tl.load(vs_ptr + rows + BT, mask=nmask, other=0.0)
+                else:
+                    wk = _load_words(kc_ptr, rows, tmask, K_RB, K_NW, K_WB)
+                    wv = _load_words(vc_ptr, rows, tmask, V_RB, V_NW, V_WB)
+                    if K_KIND == 2:
+                        nk = tl.load(ks_ptr + rows, mask=tmask, other=0.0).to(tl.float32)
+                    if V_KIND == 2:
+                        nv = tl.load(vs_ptr + rows, mask=tmask, other=0.0).to(tl.float32)
+                ik = _unpack(wk, K_BITS, K_P, K_NW, BT)
                 yk = _values(
                     ik,
                     rows,
@@ -259,17 +313,18 @@ def _split_kernel(
                     BT,
                     K_P,
                     K_NW,
+                    cbt_k,
+                    GATHER and K_KIND == 2,
                 )
                 s = tl.dot(qk, tl.trans(yk))  # [BG, BT]
                 if K_KIND == 2:
-                    nk = tl.load(ks_ptr + rows, mask=tmask, other=0.0).to(tl.float32)
                     s = s * nk[None, :]
                 s = tl.where(tmask[None, :], s * qk_scale, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 alpha = tl.exp2(m_i - m_new)
                 p = tl.exp2(s - m_new[:, None])  # [BG, BT]
                 l_i = l_i * alpha + tl.sum(p, 1)
-                iv = _indices(vc_ptr, rows, tmask, V_RB, V_BITS, V_P, V_NW, V_WB, BT)
+                iv = _unpack(wv, V_BITS, V_P, V_NW, BT)
                 yv = _values(
                     iv,
                     rows,
@@ -295,9 +350,10 @@ def _split_kernel(
                     BT,
                     V_P,
                     V_NW,
+                    cbt_v,
+                    GATHER and V_KIND == 2,
                 )
                 if V_KIND == 2:  # fold the value norms into the weights: Σ p·norm·ŷ
-                    nv = tl.load(vs_ptr + rows, mask=tmask, other=0.0).to(tl.float32)
                     p = p * nv[None, :]
                 acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), yv)
                 m_i = m_new
@@ -395,7 +451,9 @@ class DecodeConfig(dict):
     """Launch knobs: ``BT`` tokens per block, ``num_warps``, ``num_stages``, ``programs``
     (target split programs; default 4 per SM), ``select`` (selects instead of a gather for
     N <= 4 scalar levels), ``sub`` (True/False: force the sub-stream kernel on or off; None: where
-    it measured faster)."""
+    it measured faster), ``prefetch`` (general kernel: load the next block's codes while the
+    current one is decoded; None: where it measured faster), ``gather`` (general kernel, VQ layouts: codewords by ``tl.gather``
+    from a shared-memory copy of the codebook instead of L1 loads)."""
 
 
 _STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -449,7 +507,22 @@ def _role_args(lay: CodeLayout, d: int, bt: int, select: bool) -> tuple:
 
 # Measured on an H100 (docs/results/decode-attention-h100.json, "sweep"): BT=128 with 4 warps and
 # 2 stages was the fastest or within noise of it for every codec; gathers beat selects for N=4.
-_DEFAULTS = {"BT": 128, "num_warps": 4, "num_stages": 2, "programs": 0, "select": False, "sub": None}
+_DEFAULTS = {
+    "BT": 128,
+    "num_warps": 4,
+    "num_stages": 2,
+    "programs": 0,
+    "select": False,
+    "sub": None,
+    "prefetch": None,
+    "gather": False,
+}
+
+
+def _gather_ok(lay: CodeLayout) -> bool:
+    """``tl.gather`` needs power-of-two tile sides; other layouts ignore the knob."""
+    n = max(lay.levels, 2)
+    return lay.kind != "vq" or n & (n - 1) == 0
 
 
 def _sub_measured_faster(lay: CodeLayout) -> bool:
@@ -459,6 +532,16 @@ def _sub_measured_faster(lay: CodeLayout) -> bool:
     keys need BT = group = 32) and 3/4-bit TurboQuant lose, so they keep the general kernel.
     """
     return (lay.kind == "token" and not lay.has_min) or (lay.kind == "vq" and lay.vec == 1 and lay.bits <= 2)
+
+
+def _prefetch_measured_faster(lk: CodeLayout) -> bool:
+    """Where loading the next block one iteration ahead beat the plain loop (H100, B=8, L=32k).
+
+    KIVI-2 534 -> 456 us, TurboQuant b=3 664 -> 604 us; TurboQuant b=4 lost badly at BT=128 (928
+    vs 513 us: the byte words of the next block, widened to int32, cost 128 more registers per
+    thread), FibQuant lost 4%.
+    """
+    return lk.kind == "channel" or (lk.kind == "vq" and lk.vec == 1 and lk.bits == 3)
 
 
 def _sub_ok(lk: CodeLayout, lv: CodeLayout, d: int, cuda: bool) -> bool:
@@ -591,6 +674,8 @@ def decode_attention_triton(
             *common,
             *_role_args(lk, d, bt, cfg["select"]),
             *_role_args(lv, d, bt, cfg["select"]),
+            _prefetch_measured_faster(lk) if cfg["prefetch"] is None else bool(cfg["prefetch"]),
+            bool(cfg["gather"]) and _gather_ok(lk) and _gather_ok(lv),
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
