@@ -453,7 +453,8 @@ class DecodeConfig(dict):
     N <= 4 scalar levels), ``sub`` (True/False: force the sub-stream kernel on or off; None: where
     it measured faster), ``prefetch`` (general kernel: load the next block's codes while the
     current one is decoded; None: where it measured faster), ``gather`` (general kernel, VQ layouts: codewords by ``tl.gather``
-    from a shared-memory copy of the codebook instead of L1 loads)."""
+    from a shared-memory copy of the codebook instead of L1 loads; None: where it measured
+    faster)."""
 
 
 _STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -515,33 +516,42 @@ _DEFAULTS = {
     "select": False,
     "sub": None,
     "prefetch": None,
-    "gather": False,
+    "gather": None,
 }
 
 
 def _gather_ok(lay: CodeLayout) -> bool:
-    """``tl.gather`` needs power-of-two tile sides; other layouts ignore the knob."""
+    """Layouts ``tl.gather`` compiles for: power-of-two tiles, and not a small vector codebook
+    (N <= 16 with ``vec > 1`` hit an assertion in Triton 3.6's thread-locality pass on sm_90)."""
     n = max(lay.levels, 2)
-    return lay.kind != "vq" or n & (n - 1) == 0
+    return lay.kind != "vq" or (n & (n - 1) == 0 and (lay.vec == 1 or n >= 64))
 
 
 def _sub_measured_faster(lay: CodeLayout) -> bool:
     """Where the sub-stream kernel beat the stream-major one in the H100 sweep.
 
-    int4/int8 (411 vs 478 us at B=8, L=32k) and 2-bit TurboQuant (524 vs 603 us) gain; KIVI (its
-    keys need BT = group = 32) and 3/4-bit TurboQuant lose, so they keep the general kernel.
+    int4/int8 gain (411 vs 471 us at B=8, L=32k); KIVI (its keys need BT = group = 32) and
+    TurboQuant lose (b=2: 523 vs 468 us, b=3/4 by more), so they keep the general kernel.
     """
-    return (lay.kind == "token" and not lay.has_min) or (lay.kind == "vq" and lay.vec == 1 and lay.bits <= 2)
+    return lay.kind == "token" and not lay.has_min
 
 
 def _prefetch_measured_faster(lk: CodeLayout) -> bool:
     """Where loading the next block one iteration ahead beat the plain loop (H100, B=8, L=32k).
 
-    KIVI-2 534 -> 456 us, TurboQuant b=3 664 -> 604 us; TurboQuant b=4 lost badly at BT=128 (928
-    vs 513 us: the byte words of the next block, widened to int32, cost 128 more registers per
-    thread), FibQuant lost 4%.
+    KIVI-2 530 -> 477 us, TurboQuant b=3 658 -> 597 us; TurboQuant b=4 loses (487 -> 778 us at
+    BT=128: 64 byte-words per row and block in flight cost registers), FibQuant loses 3%.
     """
     return lk.kind == "channel" or (lk.kind == "vq" and lk.vec == 1 and lk.bits == 3)
+
+
+def _gather_measured_faster(lk: CodeLayout) -> bool:
+    """Where ``tl.gather`` from a shared-memory codebook beat L1 loads (H100, B=8, L=32k).
+
+    FibQuant k=8 (8-wide codewords, N=256): 2758 -> 1360 us. k=4, N=256 loses (1086 -> 1513
+    us); scalar codebooks gain nothing measurable.
+    """
+    return lk.kind == "vq" and lk.vec >= 8
 
 
 def _sub_ok(lk: CodeLayout, lv: CodeLayout, d: int, cuda: bool) -> bool:
@@ -675,7 +685,9 @@ def decode_attention_triton(
             *_role_args(lk, d, bt, cfg["select"]),
             *_role_args(lv, d, bt, cfg["select"]),
             _prefetch_measured_faster(lk) if cfg["prefetch"] is None else bool(cfg["prefetch"]),
-            bool(cfg["gather"]) and _gather_ok(lk) and _gather_ok(lv),
+            (_gather_measured_faster(lk) if cfg["gather"] is None else bool(cfg["gather"]))
+            and _gather_ok(lk)
+            and _gather_ok(lv),
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
