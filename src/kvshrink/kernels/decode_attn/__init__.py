@@ -65,7 +65,7 @@ def decode_attention(
         codec: the codec that packed the cache (default ``make_codec(keys.spec)``); TurboQuant and
             FibQuant contribute their rotation and codebooks.
         scale: softmax scale, default ``1/sqrt(d)``.
-        config: Triton launch knobs (see ``kernel.DecodeConfig``).
+        config: Triton launch knobs (see ``choose.DecodeConfig``).
 
     Returns:
         ``[B, Hq, d]`` in ``q``'s dtype. A sequence with no tokens at all gets zeros.

@@ -19,6 +19,9 @@ Design (one query token per sequence, GQA):
   ``_reduce_kernel`` applies ``Πᵀ`` once per query head, after merging splits and before adding the
   (unrotated) window partial.
 
+Tile helpers (load, unpack, dequantize or gather codewords) live in ``tiles.py``; which kernel
+and knobs a layout gets, and its constexprs, in ``choose.py``.
+
 Costs (per token and KV head, d=128): int4 66 B, KIVI-2 ~96 B, TurboQuant-4 132 B, FibQuant b=2 68 B
 of reads, against 512 B for fp16; the kernel is meant to be bound by those bytes.
 """
@@ -34,136 +37,25 @@ import triton.language as tl
 
 from ...codecs.base import Codec, Packed
 from ..layout import CodeLayout, layout_of, packed_unsupported, rotation_matrix
-from .kernel_sub import _split_sub_kernel, _window_partial, _words
+from .choose import (
+    DEFAULTS,
+    DecodeConfig,
+    as_words,
+    gather_measured_faster,
+    gather_ok,
+    prefetch_measured_faster,
+    role_args,
+    sub_args,
+    sub_measured_faster,
+    sub_ok,
+    sub_word,
+    word_args,
+)
+from .kernel_sub import _split_sub_kernel, _window_partial
 from .reference import Window
+from .tiles import codebook_tile, load_words, stream_chan, unpack, values
 
 __all__ = ["DecodeConfig", "decode_attention_triton"]
-
-_KIND = {"token": 0, "channel": 1, "vq": 2}
-
-
-@triton.jit
-def _chan(D: tl.constexpr, P: tl.constexpr, NW: tl.constexpr, VEC: tl.constexpr):
-    """Channel held at each stream-major position: ``VEC·(P·w + r) + c``."""
-    pos = tl.arange(0, D)
-    r = pos // (NW * VEC)
-    w = (pos // VEC) % NW
-    c = pos % VEC
-    return VEC * (P * w + r) + c
-
-
-@triton.jit
-def _load_words(c_ptr, rows, tmask, RB: tl.constexpr, NW: tl.constexpr, WB: tl.constexpr):
-    """``[BT, NW]`` words as loaded: bytes stay uint8 (4 to a register while a prefetched tile waits)."""
-    if WB == 1:
-        words = tl.load(c_ptr + rows[:, None] * RB + tl.arange(0, NW)[None, :], mask=tmask[:, None], other=0)
-    else:
-        words = _words(c_ptr, rows, tmask, RB, NW, WB)
-    return words
-
-
-@triton.jit
-def _unpack(words, BITS: tl.constexpr, P: tl.constexpr, NW: tl.constexpr, BT: tl.constexpr):
-    """Indices of a ``[BT, NW]`` word tile, stream-major (position ``r·NW + w`` = index ``P·w + r``)."""
-    shifts = tl.arange(0, P) * BITS
-    idx = (words.to(tl.int32)[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)  # [BT, P, NW]
-    return tl.reshape(idx, (BT, P * NW))
-
-
-@triton.jit
-def _values(
-    idx,
-    rows,
-    tmask,
-    bh,
-    t0,
-    L,
-    s_ptr,
-    m_ptr,
-    cb_ptr,
-    chan,
-    TG,
-    KIND: tl.constexpr,
-    VEC: tl.constexpr,
-    NLEV: tl.constexpr,
-    SEL: tl.constexpr,
-    GE: tl.constexpr,
-    GROUP: tl.constexpr,
-    NG: tl.constexpr,
-    ZERO: tl.constexpr,
-    HAS_MIN: tl.constexpr,
-    D: tl.constexpr,
-    BT: tl.constexpr,
-    P: tl.constexpr,
-    NW: tl.constexpr,
-    cbt,
-    GATHER: tl.constexpr,
-):
-    """Values of a tile of indices, fp16 ``[BT, D]`` in stream-major order (VQ: rotated, unit norm).
-
-    ``GATHER``: codewords come from ``cbt``, the codebook held in registers (``[N, D]`` levels
-    broadcast over channels for ``VEC == 1``, ``[N, VEC]`` otherwise), by ``tl.gather``, which
-    stages it in shared memory: one bank access per element instead of an L1 request that touches
-    as many 128-byte lines as the warp's indices do."""
-    if KIND == 2:
-        if GATHER:
-            if VEC == 1:
-                y = tl.gather(cbt, idx, 0)
-            else:
-                R: tl.constexpr = D // VEC
-                full = tl.broadcast_to(idx[:, :, None], (BT, R, VEC))
-                y = tl.gather(cbt, tl.reshape(full, (BT * R, VEC)), 0)
-                y = tl.reshape(y, (BT, D))
-        elif SEL:  # N <= 4 scalar levels: selects beat a gather
-            c0 = tl.load(cb_ptr)
-            c1 = tl.load(cb_ptr + 1)
-            if NLEV == 2:
-                y = tl.where(idx == 0, c0, c1)
-            else:
-                c2 = tl.load(cb_ptr + 2)
-                c3 = tl.load(cb_ptr + 3)
-                y = tl.where(idx < 2, tl.where(idx == 0, c0, c1), tl.where(idx == 2, c2, c3))
-        elif VEC == 1:
-            y = tl.load(cb_ptr + idx)  # [BT, D] gather from an L1-resident codebook
-        else:
-            y = tl.load(cb_ptr + idx[:, :, None] * VEC + tl.arange(0, VEC)[None, None, :])  # [BT, R, VEC]
-            y = tl.reshape(y, (BT, D))
-        return y.to(tl.float16)
-    elif KIND == 0:  # per-token scale per group of channels; group of position (r, w) is w // (GROUP/P)
-        x = tl.reshape(idx.to(tl.float32) - ZERO, (BT, P, NG, GROUP // P))
-        g = tl.arange(0, NG)
-        s = tl.load(s_ptr + rows[:, None] * NG + g[None, :], mask=tmask[:, None], other=0.0)  # [BT, NG]
-        x = x * s.to(tl.float32)[:, None, :, None]
-        if HAS_MIN:
-            mn = tl.load(m_ptr + rows[:, None] * NG + g[None, :], mask=tmask[:, None], other=0.0)
-            x = x + mn.to(tl.float32)[:, None, :, None]
-        return tl.reshape(x, (BT, D)).to(tl.float16)
-    else:  # per-channel scale/min, one row per group of GROUP tokens (GE = min(GROUP, BT) rows share it)
-        gi = (t0 + tl.arange(0, BT // GE) * GE) // GROUP  # [NGB] groups in this block
-        gmask = gi * GROUP < L
-        srow = (bh * TG + gi).to(tl.int64)
-        s = tl.load(s_ptr + srow[:, None] * D + chan[None, :], mask=gmask[:, None], other=0.0)  # [NGB, D]
-        x = tl.reshape(idx.to(tl.float32), (BT // GE, GE, D)) * s.to(tl.float32)[:, None, :]
-        if HAS_MIN:
-            mn = tl.load(m_ptr + srow[:, None] * D + chan[None, :], mask=gmask[:, None], other=0.0)
-            x = x + mn.to(tl.float32)[:, None, :]
-        return tl.reshape(x, (BT, D)).to(tl.float16)
-
-
-@triton.jit
-def _codebook_tile(
-    cb_ptr, KIND: tl.constexpr, N: tl.constexpr, VEC: tl.constexpr, D: tl.constexpr, GATHER: tl.constexpr
-):
-    """The codebook as a register tile for ``tl.gather`` (a 1-element dummy when unused)."""
-    if GATHER and KIND == 2:
-        n = tl.arange(0, N)
-        if VEC == 1:
-            cbt = tl.load(cb_ptr + n[:, None] + 0 * tl.arange(0, D)[None, :]).to(tl.float16)
-        else:
-            cbt = tl.load(cb_ptr + n[:, None] * VEC + tl.arange(0, VEC)[None, :]).to(tl.float16)
-    else:
-        cbt = tl.zeros([1, 1], tl.float16)
-    return cbt
 
 
 @triton.jit
@@ -241,8 +133,8 @@ def _split_kernel(
         start = sid * SPLIT
         if start < L:
             end = tl.minimum(start + SPLIT, L)
-            chan_k = _chan(D, K_P, K_NW, K_VEC)
-            chan_v = _chan(D, V_P, V_NW, V_VEC)
+            chan_k = stream_chan(D, K_P, K_NW, K_VEC)
+            chan_v = stream_chan(D, V_P, V_NW, V_VEC)
             if K_KIND == 2:  # q' = Π q, in the keys' stream-major order: M[j, pos] = Π[chan(pos), j]
                 qn = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0)
                 rot = tl.load(rot_ptr + chan_k[None, :] * D + d[:, None])  # [D, D] fp16
@@ -253,13 +145,13 @@ def _split_kernel(
             m_i = tl.full([BG], float("-inf"), tl.float32)
             l_i = tl.zeros([BG], tl.float32)
             acc = tl.zeros([BG, D], tl.float32)
-            cbt_k = _codebook_tile(cbk_ptr, K_KIND, K_NLEV, K_VEC, D, GATHER)
-            cbt_v = _codebook_tile(cbv_ptr, V_KIND, V_NLEV, V_VEC, D, GATHER)
+            cbt_k = codebook_tile(cbk_ptr, K_KIND, K_NLEV, K_VEC, D, GATHER)
+            cbt_v = codebook_tile(cbv_ptr, V_KIND, V_NLEV, V_VEC, D, GATHER)
             if PREFETCH:  # registers double-buffer the next block's codes and norms (latency)
                 offs = start + tl.arange(0, BT)
                 rows = bh.to(tl.int64) * T + offs
-                wk_n = _load_words(kc_ptr, rows, offs < end, K_RB, K_NW, K_WB)
-                wv_n = _load_words(vc_ptr, rows, offs < end, V_RB, V_NW, V_WB)
+                wk_n = load_words(kc_ptr, rows, offs < end, K_RB, K_NW, K_WB)
+                wv_n = load_words(vc_ptr, rows, offs < end, V_RB, V_NW, V_WB)
                 if K_KIND == 2:
                     nk_n = tl.load(ks_ptr + rows, mask=offs < end, other=0.0)
                 if V_KIND == 2:
@@ -272,8 +164,8 @@ def _split_kernel(
                     wk = wk_n
                     wv = wv_n
                     nmask = (offs + BT) < end
-                    wk_n = _load_words(kc_ptr, rows + BT, nmask, K_RB, K_NW, K_WB)
-                    wv_n = _load_words(vc_ptr, rows + BT, nmask, V_RB, V_NW, V_WB)
+                    wk_n = load_words(kc_ptr, rows + BT, nmask, K_RB, K_NW, K_WB)
+                    wv_n = load_words(vc_ptr, rows + BT, nmask, V_RB, V_NW, V_WB)
                     if K_KIND == 2:
                         nk = nk_n.to(tl.float32)
                         nk_n = tl.load(ks_ptr + rows + BT, mask=nmask, other=0.0)
@@ -281,14 +173,14 @@ def _split_kernel(
                         nv = nv_n.to(tl.float32)
                         nv_n = tl.load(vs_ptr + rows + BT, mask=nmask, other=0.0)
                 else:
-                    wk = _load_words(kc_ptr, rows, tmask, K_RB, K_NW, K_WB)
-                    wv = _load_words(vc_ptr, rows, tmask, V_RB, V_NW, V_WB)
+                    wk = load_words(kc_ptr, rows, tmask, K_RB, K_NW, K_WB)
+                    wv = load_words(vc_ptr, rows, tmask, V_RB, V_NW, V_WB)
                     if K_KIND == 2:
                         nk = tl.load(ks_ptr + rows, mask=tmask, other=0.0).to(tl.float32)
                     if V_KIND == 2:
                         nv = tl.load(vs_ptr + rows, mask=tmask, other=0.0).to(tl.float32)
-                ik = _unpack(wk, K_BITS, K_P, K_NW, BT)
-                yk = _values(
+                ik = unpack(wk, K_BITS, K_P, K_NW, BT)
+                yk = values(
                     ik,
                     rows,
                     tmask,
@@ -324,8 +216,8 @@ def _split_kernel(
                 alpha = tl.exp2(m_i - m_new)
                 p = tl.exp2(s - m_new[:, None])  # [BG, BT]
                 l_i = l_i * alpha + tl.sum(p, 1)
-                iv = _unpack(wv, V_BITS, V_P, V_NW, BT)
-                yv = _values(
+                iv = unpack(wv, V_BITS, V_P, V_NW, BT)
+                yv = values(
                     iv,
                     rows,
                     tmask,
@@ -447,16 +339,6 @@ def _reduce_kernel(
 # -- host side ---------------------------------------------------------------------------------
 
 
-class DecodeConfig(dict):
-    """Launch knobs: ``BT`` tokens per block, ``num_warps``, ``num_stages``, ``programs``
-    (target split programs; default 4 per SM), ``select`` (selects instead of a gather for
-    N <= 4 scalar levels), ``sub`` (True/False: force the sub-stream kernel on or off; None: where
-    it measured faster), ``prefetch`` (general kernel: load the next block's codes while the
-    current one is decoded; None: where it measured faster), ``gather`` (general kernel, VQ layouts: codewords by ``tl.gather``
-    from a shared-memory copy of the codebook instead of L1 loads; None: where it measured
-    faster)."""
-
-
 _STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -481,124 +363,6 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _role_args(lay: CodeLayout, d: int, bt: int, select: bool) -> tuple:
-    """The ``K_*``/``V_*`` constexprs of one role."""
-    nw = d // lay.vec // lay.per_word
-    sel = lay.kind == "vq" and select and lay.vec == 1 and lay.levels <= 4
-    group = lay.group or d
-    ng = d // group if lay.kind == "token" else 1
-    ge = min(group, bt) if lay.kind == "channel" else 1
-    return (
-        _KIND[lay.kind],
-        lay.bits,
-        lay.vec,
-        max(lay.levels, 2),
-        sel,
-        lay.per_word,
-        nw,
-        lay.word_bytes,
-        lay.row_bytes(d),
-        group,
-        ge,
-        ng,
-        lay.zero,
-        lay.has_min,
-    )
-
-
-# Measured on an H100 (docs/results/decode-attention-h100.json, "sweep"): BT=128 with 4 warps and
-# 2 stages was the fastest or within noise of it for every codec; gathers beat selects for N=4.
-_DEFAULTS = {
-    "BT": 128,
-    "num_warps": 4,
-    "num_stages": 2,
-    "programs": 0,
-    "select": False,
-    "sub": None,
-    "prefetch": None,
-    "gather": None,
-}
-
-
-def _gather_ok(lay: CodeLayout) -> bool:
-    """Layouts ``tl.gather`` compiles for: power-of-two tiles, and not a small vector codebook
-    (N <= 16 with ``vec > 1`` hit an assertion in Triton 3.6's thread-locality pass on sm_90)."""
-    n = max(lay.levels, 2)
-    return lay.kind != "vq" or (n & (n - 1) == 0 and (lay.vec == 1 or n >= 64))
-
-
-def _sub_measured_faster(lay: CodeLayout) -> bool:
-    """Where the sub-stream kernel beat the stream-major one in the H100 sweep.
-
-    int4/int8 gain (411 vs 471 us at B=8, L=32k); KIVI (its keys need BT = group = 32) and
-    TurboQuant lose (b=2: 523 vs 468 us, b=3/4 by more), so they keep the general kernel.
-    """
-    return lay.kind == "token" and not lay.has_min
-
-
-def _prefetch_measured_faster(lk: CodeLayout) -> bool:
-    """Where loading the next block one iteration ahead beat the plain loop (H100, B=8, L=32k).
-
-    KIVI-2 530 -> 477 us, TurboQuant b=3 658 -> 597 us; TurboQuant b=4 loses (487 -> 778 us at
-    BT=128: 64 byte-words per row and block in flight cost registers), FibQuant loses 3%.
-    """
-    return lk.kind == "channel" or (lk.kind == "vq" and lk.vec == 1 and lk.bits == 3)
-
-
-def _gather_measured_faster(lk: CodeLayout) -> bool:
-    """Where ``tl.gather`` from a shared-memory codebook beat L1 loads (H100, B=8, L=32k).
-
-    FibQuant k=8 (8-wide codewords, N=256): 2758 -> 1360 us. k=4, N=256 loses (1086 -> 1513
-    us); scalar codebooks gain nothing measurable.
-    """
-    return lk.kind == "vq" and lk.vec >= 8
-
-
-def _sub_ok(lk: CodeLayout, lv: CodeLayout, d: int, cuda: bool) -> bool:
-    """Whether the sub-stream kernel takes these layouts (scalar indices, same width, d/P >= 16)."""
-    same = lk.vec == lv.vec == 1 and lk.bits == lv.bits
-    narrow = same and d // lk.per_word >= 16
-    return same and (narrow or not cuda) and (lk.kind != "channel" or lk.group >= 16)
-
-
-def _sub_word(lay: CodeLayout, d: int, min_nw: int) -> tuple[int, int, int]:
-    """Widest word (bytes) whose ``P <= 8`` indices leave ``d/P >= min_nw`` channels per sub-stream.
-
-    Wider words mean fewer loads, masks and pointer updates per index; the kernel reads them as
-    int16/int32 (little-endian, so index ``P·w + r`` still sits at bits ``r·bits``). Keys take the
-    widest (their dots split tokens across warps); values need ``d/P`` wide enough to split over
-    the warps, else every warp would redo the same sub-stream.
-    """
-    if lay.word_bytes == 3:
-        return 3, lay.per_word, d // lay.per_word
-    for wby in (4, 2):
-        per = wby * 8 // lay.bits
-        fits = per <= 8 and d % per == 0 and lay.row_bytes(d) % wby == 0
-        groups_ok = lay.kind != "token" or (lay.group or d) % per == 0  # a scale group spans whole words
-        if fits and groups_ok and d // per >= min_nw:
-            return wby, per, d // per
-    return 1, lay.per_word, d // lay.per_word
-
-
-def _word_args(lay: CodeLayout, d: int, word: tuple[int, int, int]) -> tuple[int, int, int, int]:
-    """(P, NW, WB, RB) constexprs: indices per word, words per row, 3-byte flag, row stride in words."""
-    wby, per, nw = word
-    return per, nw, 3 if wby == 3 else 1, lay.row_bytes(d) // (1 if wby == 3 else wby)
-
-
-def _as_words(codes: torch.Tensor, wby: int) -> torch.Tensor:
-    return codes.view({2: torch.int16, 4: torch.int32}[wby]) if wby in (2, 4) else codes
-
-
-def _sub_args(lay: CodeLayout, d: int, select: bool) -> tuple:
-    """The ``K_*``/``V_*`` constexprs of the sub-stream kernel."""
-    group = lay.group or d
-    fold = lay.kind == "token" and group == d and not lay.has_min
-    sel = lay.kind == "vq" and select and lay.levels <= 4
-    ng = d // group if lay.kind == "token" else 1
-    return (_KIND[lay.kind], max(lay.levels, 2), sel, fold, lay.zero, group, ng, lay.has_min)
-
-
 def _role_tensors(packed: Packed, lay: CodeLayout, vq: dict | None, role: str, dummy: torch.Tensor):
     tz = packed.tensors
     codes = tz["codes"].contiguous()
@@ -621,7 +385,7 @@ def decode_attention_triton(
     config: dict | None = None,
 ) -> torch.Tensor:
     """Launch split + reduce. Shapes as in :func:`kvshrink.kernels.decode_attn.decode_attention`."""
-    cfg = {**_DEFAULTS, **(config or {})}
+    cfg = {**DEFAULTS, **(config or {})}
     b, hq, d = q.shape
     codes_k = keys.tensors["codes"]
     hkv, t = codes_k.shape[1], codes_k.shape[2]
@@ -632,8 +396,8 @@ def decode_attention_triton(
         if why:
             raise ValueError(f"{codec.spec}: no Triton kernel for this layout: {why}")
     bt = cfg["BT"]
-    want_sub = _sub_measured_faster(lk) if cfg["sub"] is None else cfg["sub"]
-    sub = want_sub and _sub_ok(lk, lv, d, q.is_cuda)
+    want_sub = sub_measured_faster(lk) if cfg["sub"] is None else cfg["sub"]
+    sub = want_sub and sub_ok(lk, lv, d, q.is_cuda)
     if lk.kind == "channel":
         bt = min(bt, lk.group) if sub else max(bt, 16)
     vq = _vq_tensors(codec, d, q.device) if "vq" in (lk.kind, lv.kind) else None
@@ -666,28 +430,28 @@ def decode_attention_triton(
     common = (qc, kc, ks, km, vc, vs, vm, rot16, cbk, cbv, lengths, wk, wv, wlen, o_part, lse_part)
     common += (qk_scale, hkv, t, tgk, tgv, w_cap, ns, split, g, bg, d, bt, has_win)
     if sub:
-        kw = _sub_word(lk, d, 16)
-        vw = _sub_word(lv, d, 16 * cfg["num_warps"])
-        common = (qc, _as_words(kc, kw[0]), ks, km, _as_words(vc, vw[0]), *common[5:])
+        kw = sub_word(lk, d, 16)
+        vw = sub_word(lv, d, 16 * cfg["num_warps"])
+        common = (qc, as_words(kc, kw[0]), ks, km, as_words(vc, vw[0]), *common[5:])
         _split_sub_kernel[grid](
             *common,
             lk.bits,
-            *_word_args(lk, d, kw),
-            *_word_args(lv, d, vw),
-            *_sub_args(lk, d, cfg["select"]),
-            *_sub_args(lv, d, cfg["select"]),
+            *word_args(lk, d, kw),
+            *word_args(lv, d, vw),
+            *sub_args(lk, d, cfg["select"]),
+            *sub_args(lv, d, cfg["select"]),
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
     else:
         _split_kernel[grid](
             *common,
-            *_role_args(lk, d, bt, cfg["select"]),
-            *_role_args(lv, d, bt, cfg["select"]),
-            _prefetch_measured_faster(lk) if cfg["prefetch"] is None else bool(cfg["prefetch"]),
-            (_gather_measured_faster(lk) if cfg["gather"] is None else bool(cfg["gather"]))
-            and _gather_ok(lk)
-            and _gather_ok(lv),
+            *role_args(lk, d, bt, cfg["select"]),
+            *role_args(lv, d, bt, cfg["select"]),
+            prefetch_measured_faster(lk) if cfg["prefetch"] is None else bool(cfg["prefetch"]),
+            (gather_measured_faster(lk) if cfg["gather"] is None else bool(cfg["gather"]))
+            and gather_ok(lk)
+            and gather_ok(lv),
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )

@@ -1,0 +1,159 @@
+"""What the decode launcher picks per code layout, and the constexprs it passes for it.
+
+The kernel and its knobs for a layout are what measured fastest on an H100 at B=8, L=32k
+(``docs/results/decode-attention-h100-notes.md``); a ``config`` dict overrides each choice. The
+``*_args`` helpers turn a :class:`~kvshrink.kernels.layout.CodeLayout` into the ``K_*``/``V_*``
+constexprs of the two split kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..layout import CodeLayout
+
+__all__ = [
+    "DEFAULTS",
+    "KIND",
+    "DecodeConfig",
+    "as_words",
+    "gather_measured_faster",
+    "gather_ok",
+    "prefetch_measured_faster",
+    "role_args",
+    "sub_args",
+    "sub_measured_faster",
+    "sub_ok",
+    "sub_word",
+    "word_args",
+]
+
+KIND = {"token": 0, "channel": 1, "vq": 2}
+
+
+class DecodeConfig(dict):
+    """Launch knobs: ``BT`` tokens per block, ``num_warps``, ``num_stages``, ``programs``
+    (target split programs; default 4 per SM), ``select`` (selects instead of a gather for
+    N <= 4 scalar levels), ``sub`` (True/False: force the sub-stream kernel on or off; None: where
+    it measured faster), ``prefetch`` (general kernel: load the next block's codes while the
+    current one is decoded; None: where it measured faster), ``gather`` (general kernel, VQ layouts: codewords by ``tl.gather``
+    from a shared-memory copy of the codebook instead of L1 loads; None: where it measured
+    faster)."""
+
+
+def role_args(lay: CodeLayout, d: int, bt: int, select: bool) -> tuple:
+    """The ``K_*``/``V_*`` constexprs of one role."""
+    nw = d // lay.vec // lay.per_word
+    sel = lay.kind == "vq" and select and lay.vec == 1 and lay.levels <= 4
+    group = lay.group or d
+    ng = d // group if lay.kind == "token" else 1
+    ge = min(group, bt) if lay.kind == "channel" else 1
+    return (
+        KIND[lay.kind],
+        lay.bits,
+        lay.vec,
+        max(lay.levels, 2),
+        sel,
+        lay.per_word,
+        nw,
+        lay.word_bytes,
+        lay.row_bytes(d),
+        group,
+        ge,
+        ng,
+        lay.zero,
+        lay.has_min,
+    )
+
+
+# Measured on an H100 (docs/results/decode-attention-h100.json, "sweep"): BT=128 with 4 warps and
+# 2 stages was the fastest or within noise of it for every codec; gathers beat selects for N=4.
+DEFAULTS = {
+    "BT": 128,
+    "num_warps": 4,
+    "num_stages": 2,
+    "programs": 0,
+    "select": False,
+    "sub": None,
+    "prefetch": None,
+    "gather": None,
+}
+
+
+def gather_ok(lay: CodeLayout) -> bool:
+    """Layouts ``tl.gather`` compiles for: power-of-two tiles, and not a small vector codebook
+    (N <= 16 with ``vec > 1`` hit an assertion in Triton 3.6's thread-locality pass on sm_90)."""
+    n = max(lay.levels, 2)
+    return lay.kind != "vq" or (n & (n - 1) == 0 and (lay.vec == 1 or n >= 64))
+
+
+def sub_measured_faster(lay: CodeLayout) -> bool:
+    """Where the sub-stream kernel beat the stream-major one in the H100 sweep.
+
+    int4/int8 gain (411 vs 471 us at B=8, L=32k); KIVI (its keys need BT = group = 32) and
+    TurboQuant lose (b=2: 523 vs 468 us, b=3/4 by more), so they keep the general kernel.
+    """
+    return lay.kind == "token" and not lay.has_min
+
+
+def prefetch_measured_faster(lk: CodeLayout) -> bool:
+    """Where loading the next block one iteration ahead beat the plain loop (H100, B=8, L=32k).
+
+    KIVI-2 530 -> 477 us, TurboQuant b=3 658 -> 597 us; TurboQuant b=4 loses (487 -> 778 us at
+    BT=128: 64 byte-words per row and block in flight cost registers), FibQuant loses 3%.
+    """
+    return lk.kind == "channel" or (lk.kind == "vq" and lk.vec == 1 and lk.bits == 3)
+
+
+def gather_measured_faster(lk: CodeLayout) -> bool:
+    """Where ``tl.gather`` from a shared-memory codebook beat L1 loads (H100, B=8, L=32k).
+
+    FibQuant k=8 (8-wide codewords, N=256): 2758 -> 1360 us. k=4, N=256 loses (1086 -> 1513
+    us); scalar codebooks gain nothing measurable.
+    """
+    return lk.kind == "vq" and lk.vec >= 8
+
+
+def sub_ok(lk: CodeLayout, lv: CodeLayout, d: int, cuda: bool) -> bool:
+    """Whether the sub-stream kernel takes these layouts (scalar indices, same width, d/P >= 16)."""
+    same = lk.vec == lv.vec == 1 and lk.bits == lv.bits
+    narrow = same and d // lk.per_word >= 16
+    return same and (narrow or not cuda) and (lk.kind != "channel" or lk.group >= 16)
+
+
+def sub_word(lay: CodeLayout, d: int, min_nw: int) -> tuple[int, int, int]:
+    """Widest word (bytes) whose ``P <= 8`` indices leave ``d/P >= min_nw`` channels per sub-stream.
+
+    Wider words mean fewer loads, masks and pointer updates per index; the kernel reads them as
+    int16/int32 (little-endian, so index ``P·w + r`` still sits at bits ``r·bits``). Keys take the
+    widest (their dots split tokens across warps); values need ``d/P`` wide enough to split over
+    the warps, else every warp would redo the same sub-stream.
+    """
+    if lay.word_bytes == 3:
+        return 3, lay.per_word, d // lay.per_word
+    for wby in (4, 2):
+        per = wby * 8 // lay.bits
+        fits = per <= 8 and d % per == 0 and lay.row_bytes(d) % wby == 0
+        groups_ok = lay.kind != "token" or (lay.group or d) % per == 0  # a scale group spans whole words
+        if fits and groups_ok and d // per >= min_nw:
+            return wby, per, d // per
+    return 1, lay.per_word, d // lay.per_word
+
+
+def word_args(lay: CodeLayout, d: int, word: tuple[int, int, int]) -> tuple[int, int, int, int]:
+    """(P, NW, WB, RB) constexprs: indices per word, words per row, 3-byte flag, row stride in words."""
+    wby, per, nw = word
+    return per, nw, 3 if wby == 3 else 1, lay.row_bytes(d) // (1 if wby == 3 else wby)
+
+
+def as_words(codes: torch.Tensor, wby: int) -> torch.Tensor:
+    return codes.view({2: torch.int16, 4: torch.int32}[wby]) if wby in (2, 4) else codes
+
+
+def sub_args(lay: CodeLayout, d: int, select: bool) -> tuple:
+    """The ``K_*``/``V_*`` constexprs of the sub-stream kernel."""
+    group = lay.group or d
+    fold = lay.kind == "token" and group == d and not lay.has_min
+    sel = lay.kind == "vq" and select and lay.levels <= 4
+    ng = d // group if lay.kind == "token" else 1
+    return (KIND[lay.kind], max(lay.levels, 2), sel, fold, lay.zero, group, ng, lay.has_min)
