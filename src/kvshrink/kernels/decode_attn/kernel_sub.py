@@ -20,18 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _words(c_ptr, rows, tmask, RB: tl.constexpr, NW: tl.constexpr, WB: tl.constexpr):
-    """``[BT, NW]`` int32 words of ``WB`` bytes, each holding ``P`` whole indices."""
-    w = tl.arange(0, NW)
-    base = c_ptr + rows[:, None] * RB
-    if WB == 1:
-        return tl.load(base + w[None, :], mask=tmask[:, None], other=0).to(tl.int32)
-    b0 = tl.load(base + 3 * w[None, :], mask=tmask[:, None], other=0).to(tl.int32)
-    b1 = tl.load(base + 3 * w[None, :] + 1, mask=tmask[:, None], other=0).to(tl.int32)
-    b2 = tl.load(base + 3 * w[None, :] + 2, mask=tmask[:, None], other=0).to(tl.int32)
-    return b0 | (b1 << 8) | (b2 << 16)
+from .tiles import read_words, select_levels
 
 
 @triton.jit
@@ -52,14 +41,7 @@ def _sub(
     idx = (words >> (r * BITS)) & ((1 << BITS) - 1)
     if KIND == 2:
         if SEL:
-            c0 = tl.load(cb_ptr)
-            c1 = tl.load(cb_ptr + 1)
-            if NLEV == 2:
-                y = tl.where(idx == 0, c0, c1)
-            else:
-                c2 = tl.load(cb_ptr + 2)
-                c3 = tl.load(cb_ptr + 3)
-                y = tl.where(idx < 2, tl.where(idx == 0, c0, c1), tl.where(idx == 2, c2, c3))
+            y = select_levels(idx, cb_ptr, NLEV)
         else:
             y = tl.load(cb_ptr + idx)
         return y.to(tl.float16)
@@ -307,7 +289,7 @@ def _split_sub_kernel(
                 offs = t0 + tl.arange(0, BT)
                 tmask = offs < end
                 rows = bh.to(tl.int64) * T + offs
-                wk = _words(kc_ptr, rows, tmask, RBK, NWK, WBK)
+                wk = read_words(kc_ptr, rows, tmask, RBK, NWK, WBK)
                 if K_KIND == 0 and not K_FOLD:
                     gk = rows[:, None] * K_NG + (wk_idx // (K_GROUP // PK))[None, :]
                     sk = tl.load(ks_ptr + gk, mask=tmask[:, None], other=0.0).to(tl.float16)
@@ -440,7 +422,7 @@ def _split_sub_kernel(
                 alpha = tl.exp2(m_i - m_new)
                 p = tl.exp2(s - m_new[:, None])
                 l_i = l_i * alpha + tl.sum(p, 1)
-                wv = _words(vc_ptr, rows, tmask, RBV, NWV, WBV)
+                wv = read_words(vc_ptr, rows, tmask, RBV, NWV, WBV)
                 if V_KIND == 0 and not V_FOLD:
                     gv = rows[:, None] * V_NG + (wv_idx // (V_GROUP // PV))[None, :]
                     sv = tl.load(vs_ptr + gv, mask=tmask[:, None], other=0.0).to(tl.float16)

@@ -1,4 +1,5 @@
-"""Device-side tile helpers of the general split kernel: load code words, unpack indices in
+"""Device-side tile helpers of the split kernels (word reads and level selects are shared with
+the sub-stream kernel): load code words, unpack indices in
 stream-major order, turn them into fp16 values (dequantized, or codewords of a rotation codec).
 
 Stream-major order: position ``(r, w, c)`` of a ``[BT, D]`` tile holds coordinate ``c`` of
@@ -11,9 +12,34 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernel_sub import _words
+__all__ = ["codebook_tile", "load_words", "read_words", "select_levels", "stream_chan", "unpack", "values"]
 
-__all__ = ["codebook_tile", "load_words", "stream_chan", "unpack", "values"]
+
+@triton.jit
+def read_words(c_ptr, rows, tmask, RB: tl.constexpr, NW: tl.constexpr, WB: tl.constexpr):
+    """``[BT, NW]`` int32 words of ``WB`` bytes, each holding ``P`` whole indices."""
+    w = tl.arange(0, NW)
+    base = c_ptr + rows[:, None] * RB
+    if WB == 1:
+        return tl.load(base + w[None, :], mask=tmask[:, None], other=0).to(tl.int32)
+    b0 = tl.load(base + 3 * w[None, :], mask=tmask[:, None], other=0).to(tl.int32)
+    b1 = tl.load(base + 3 * w[None, :] + 1, mask=tmask[:, None], other=0).to(tl.int32)
+    b2 = tl.load(base + 3 * w[None, :] + 2, mask=tmask[:, None], other=0).to(tl.int32)
+    return b0 | (b1 << 8) | (b2 << 16)
+
+
+@triton.jit
+def select_levels(idx, cb_ptr, NLEV: tl.constexpr):
+    """Scalar codewords of ``N <= 4`` levels by selects (cheaper than a gather at that size)."""
+    c0 = tl.load(cb_ptr)
+    c1 = tl.load(cb_ptr + 1)
+    if NLEV == 2:
+        y = tl.where(idx == 0, c0, c1)
+    else:
+        c2 = tl.load(cb_ptr + 2)
+        c3 = tl.load(cb_ptr + 3)
+        y = tl.where(idx < 2, tl.where(idx == 0, c0, c1), tl.where(idx == 2, c2, c3))
+    return y
 
 
 @triton.jit
@@ -32,7 +58,7 @@ def load_words(c_ptr, rows, tmask, RB: tl.constexpr, NW: tl.constexpr, WB: tl.co
     if WB == 1:
         words = tl.load(c_ptr + rows[:, None] * RB + tl.arange(0, NW)[None, :], mask=tmask[:, None], other=0)
     else:
-        words = _words(c_ptr, rows, tmask, RB, NW, WB)
+        words = read_words(c_ptr, rows, tmask, RB, NW, WB)
     return words
 
 
@@ -89,14 +115,7 @@ def values(
                 y = tl.gather(cbt, tl.reshape(full, (BT * R, VEC)), 0)
                 y = tl.reshape(y, (BT, D))
         elif SEL:  # N <= 4 scalar levels: selects beat a gather
-            c0 = tl.load(cb_ptr)
-            c1 = tl.load(cb_ptr + 1)
-            if NLEV == 2:
-                y = tl.where(idx == 0, c0, c1)
-            else:
-                c2 = tl.load(cb_ptr + 2)
-                c3 = tl.load(cb_ptr + 3)
-                y = tl.where(idx < 2, tl.where(idx == 0, c0, c1), tl.where(idx == 2, c2, c3))
+            y = select_levels(idx, cb_ptr, NLEV)
         elif VEC == 1:
             y = tl.load(cb_ptr + idx)  # [BT, D] gather from an L1-resident codebook
         else:
