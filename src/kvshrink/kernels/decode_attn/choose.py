@@ -34,11 +34,10 @@ KIND = {"token": 0, "channel": 1, "vq": 2}
 class DecodeConfig(dict):
     """Launch knobs: ``BT`` tokens per block, ``num_warps``, ``num_stages``, ``programs``
     (target split programs; default 4 per SM), ``select`` (selects instead of a gather for
-    N <= 4 scalar levels), ``sub`` (True/False: force the sub-stream kernel on or off; None: where
-    it measured faster), ``prefetch`` (general kernel: load the next block's codes while the
-    current one is decoded; None: where it measured faster), ``gather`` (general kernel, VQ layouts: codewords by ``tl.gather``
-    from a shared-memory copy of the codebook instead of L1 loads; None: where it measured
-    faster)."""
+    N <= 4 scalar levels), ``sub`` (True/False: force the sub-stream kernel on or off), and for
+    the general kernel ``prefetch`` (load the next block's codes while the current one is decoded)
+    and ``gather`` (VQ codewords by ``tl.gather`` from a shared-memory copy of the codebook instead
+    of L1 loads). ``sub``, ``prefetch`` and ``gather`` left at None: where they measured faster."""
 
 
 def role_args(lay: CodeLayout, d: int, bt: int, select: bool) -> tuple:

@@ -16,19 +16,6 @@ __all__ = ["codebook_tile", "load_words", "read_words", "select_levels", "stream
 
 
 @triton.jit
-def read_words(c_ptr, rows, tmask, RB: tl.constexpr, NW: tl.constexpr, WB: tl.constexpr):
-    """``[BT, NW]`` int32 words of ``WB`` bytes, each holding ``P`` whole indices."""
-    w = tl.arange(0, NW)
-    base = c_ptr + rows[:, None] * RB
-    if WB == 1:
-        return tl.load(base + w[None, :], mask=tmask[:, None], other=0).to(tl.int32)
-    b0 = tl.load(base + 3 * w[None, :], mask=tmask[:, None], other=0).to(tl.int32)
-    b1 = tl.load(base + 3 * w[None, :] + 1, mask=tmask[:, None], other=0).to(tl.int32)
-    b2 = tl.load(base + 3 * w[None, :] + 2, mask=tmask[:, None], other=0).to(tl.int32)
-    return b0 | (b1 << 8) | (b2 << 16)
-
-
-@triton.jit
 def select_levels(idx, cb_ptr, NLEV: tl.constexpr):
     """Scalar codewords of ``N <= 4`` levels by selects (cheaper than a gather at that size)."""
     c0 = tl.load(cb_ptr)
@@ -54,12 +41,25 @@ def stream_chan(D: tl.constexpr, P: tl.constexpr, NW: tl.constexpr, VEC: tl.cons
 
 @triton.jit
 def load_words(c_ptr, rows, tmask, RB: tl.constexpr, NW: tl.constexpr, WB: tl.constexpr):
-    """``[BT, NW]`` words as loaded: bytes stay uint8 (4 to a register while a prefetched tile waits)."""
+    """``[BT, NW]`` words as loaded, each holding ``P`` whole indices: one element of the codes'
+    dtype stays that dtype (uint8 bytes go 4 to a register while a prefetched tile waits); 3-byte
+    words are assembled little-endian into int32."""
+    w = tl.arange(0, NW)
+    base = c_ptr + rows[:, None] * RB
     if WB == 1:
-        words = tl.load(c_ptr + rows[:, None] * RB + tl.arange(0, NW)[None, :], mask=tmask[:, None], other=0)
+        words = tl.load(base + w[None, :], mask=tmask[:, None], other=0)
     else:
-        words = read_words(c_ptr, rows, tmask, RB, NW, WB)
+        b0 = tl.load(base + 3 * w[None, :], mask=tmask[:, None], other=0).to(tl.int32)
+        b1 = tl.load(base + 3 * w[None, :] + 1, mask=tmask[:, None], other=0).to(tl.int32)
+        b2 = tl.load(base + 3 * w[None, :] + 2, mask=tmask[:, None], other=0).to(tl.int32)
+        words = b0 | (b1 << 8) | (b2 << 16)
     return words
+
+
+@triton.jit
+def read_words(c_ptr, rows, tmask, RB: tl.constexpr, NW: tl.constexpr, WB: tl.constexpr):
+    """``[BT, NW]`` int32 words (:func:`load_words`, widened)."""
+    return load_words(c_ptr, rows, tmask, RB, NW, WB).to(tl.int32)
 
 
 @triton.jit
