@@ -37,10 +37,11 @@ def assert_same_codes(x: torch.Tensor, codec, role: str, codes: torch.Tensor, no
 
     d = x.shape[-1]
     lay = layout_of(codec, role, d)
-    got = unpack_rows(codes, lay.bits, d // lay.vec)
-    want = unpack_rows(packed.tensors["codes"], lay.bits, d // lay.vec)
-    cb = codec.codebook(d, role).double()
-    xf = x.double()
+    # the tie check runs on CPU, where the codebook and the rotation live (x may be on CUDA)
+    got = unpack_rows(codes.cpu(), lay.bits, d // lay.vec)
+    want = unpack_rows(packed.tensors["codes"].cpu(), lay.bits, d // lay.vec)
+    cb = codec.codebook(d, role).double().cpu()
+    xf = x.double().cpu()
     y = (xf / xf.norm(dim=-1, keepdim=True)) @ rotation_matrix(codec, d).double().T
     blocks = y.reshape(*y.shape[:-1], d // lay.vec, lay.vec)
     dist = ((blocks.unsqueeze(-2) - cb) ** 2).sum(-1)  # [..., R, N]
