@@ -5,13 +5,18 @@ prefill only; the question and answer then run on the pruned ``DynamicCache`` un
 in kvpress's own pipeline (which also passes explicit position ids from the original context
 length, since the pruned cache's length no longer says where the sequence is).
 
-Two compatibility shims, both small and local to this module:
+Three compatibility shims, all small and local to this module:
 
 - kvpress 0.5.5's hook reads ``kwargs["cache_position"]`` to tell a prefill from a decode
   step. transformers 5.2x no longer passes ``cache_position`` to attention modules, so the hook
   raises ``KeyError``. The context forward therefore passes ``cache_position=arange(n)``
   itself; the model forwards unknown keyword arguments down to each attention module, and
   where transformers still takes the argument it gets the value it would have computed.
+- transformers 5.25 renamed the attention modules' ``past_key_values`` argument to ``cache``
+  (the old name is deprecated and translated before the module runs), so the hook, which reads
+  ``kwargs["past_key_values"]``, raises ``KeyError``. Each press's hook is wrapped to see the
+  cache under both names (:func:`_cache_alias`); older transformers pass the old name and the
+  wrapper changes nothing.
 - ``import kvpress`` imports every press, and two of them import ``cachetools`` and
   ``datasets``, which kvpress declares but a ``--no-deps`` install (needed because kvpress
   pins ``transformers<5.3``) does not bring. The five presses compared here need neither, so
@@ -101,6 +106,17 @@ def parse_kvpress(spec: str, stage: Stage) -> KvpressSpec:
     return KvpressSpec(press, ratio)
 
 
+def _cache_alias(hook: Any) -> Any:
+    """``hook`` seeing the cache as ``kwargs["past_key_values"]`` when transformers passed ``cache``."""
+
+    def aliased(module: Any, args: Any, kwargs: dict, output: Any) -> Any:
+        if "past_key_values" not in kwargs and "cache" in kwargs:
+            kwargs = {**kwargs, "past_key_values": kwargs["cache"]}
+        return hook(module, args, kwargs, output)
+
+    return aliased
+
+
 class KvpressMethod:
     """A kvpress press over a ``DynamicCache``: prunes during the context forward only."""
 
@@ -108,6 +124,7 @@ class KvpressMethod:
 
     def __init__(self, spec: KvpressSpec) -> None:
         self.press = load_press(spec.press)(compression_ratio=spec.ratio)
+        self.press.forward_hook = _cache_alias(self.press.forward_hook)
         self.name = str(spec)
 
     def new_cache(self, model: Any):
