@@ -19,6 +19,7 @@ STUBS = {
     "tq-b4": (4, 1),
     "fq-k2-b4": (4, 2),
     "fq-k2-b6": (6, 2),
+    "fq-k2-b8": (8, 2),
     "fq-k4-b8": (8, 4),
     "fq-k8-b8": (8, 8),
 }
@@ -57,6 +58,32 @@ def test_encode_vq_triton_prefill(name: str) -> None:
     for role in ("key", "value"):
         codes, norm = encode_vq(x, codec, role, backend="triton")
         assert_same_codes(x, codec, role, codes, norm)
+
+
+@pytest.mark.parametrize("name", ["fq-k2-b6", "fq-k2-b8", "fq-k4-b8", "fq-k8-b8"])
+@pytest.mark.parametrize("mma", [True, False])
+def test_encode_vq_triton_search(name: str, mma: bool) -> None:
+    """Both nearest-codeword searches (tensor-core scores over padded blocks, the CUDA-core loop)
+    store the codec's codes; 37 tokens leave the last program partly masked."""
+    pytest.importorskip("triton")
+    codec = StubVQ(*STUBS[name])
+    x = gaussian_kv(3, (2, 2, 37, 64)).half()
+    for role in ("key", "value"):
+        codes, norm = encode_vq(x, codec, role, backend="triton", mma=mma)
+        assert_same_codes(x, codec, role, codes, norm)
+
+
+def test_mma_search_chosen_for_large_vector_codebooks() -> None:
+    from kvshrink.kernels.encode.pad import mma_ok, pad_codebook
+
+    assert mma_ok(layout_of(StubVQ(8, 8), "key", 128), 128)
+    assert not mma_ok(layout_of(StubVQ(8, 4), "key", 128), 128)  # measured: the loop is as fast at k=4
+    assert not mma_ok(layout_of(StubVQ(4, 1), "key", 128), 128)  # scalar levels
+    assert not mma_ok(layout_of(StubVQ(4, 8), "key", 128), 128)  # 16 codewords: the loop is cheap
+    cb = torch.arange(12.0).reshape(4, 3)
+    assert pad_codebook(cb) is None  # a 3-wide block does not divide the 16 padded columns
+    cb = torch.arange(8.0).reshape(2, 4)
+    assert torch.equal(pad_codebook(cb)[::4], cb.T) and pad_codebook(cb).abs().sum() == cb.sum()
 
 
 def test_encode_vq_triton_single_token_append() -> None:

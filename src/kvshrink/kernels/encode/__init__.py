@@ -28,11 +28,14 @@ def encode_vq(
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
     start: torch.Tensor | None = None,
     backend: Literal["auto", "triton", "reference"] = "auto",
+    mma: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode ``x`` [B, Hkv, T, d] with ``codec``'s rotation and ``role`` codebook.
 
     Returns ``(codes, norm)``: uint8 ``[B, Hkv, T, row_bytes]`` and fp16 ``[B, Hkv, T]``, or the
     ``out`` cache tensors (capacity ``TCAP``) with rows ``start[b] .. start[b]+T`` written.
+    ``mma``: the kernel's nearest-codeword search on tensor cores (None: for codebooks of >= 64
+    vector codewords, where it is the faster one; see ``kernel.py``).
     """
     if x.dim() != 4:
         raise InputError(f"encode_vq: expected x of shape [B, Hkv, T, d], got {tuple(x.shape)}")
@@ -40,7 +43,7 @@ def encode_vq(
     layout = layout_of(codec, role, d)
     if layout.kind != "vq":
         raise InputError(f"encode_vq: {codec.spec} is not a rotation + codebook codec")
-    rot, cb = _shared(codec, d, role, x.device)
+    rot, cb, padded = _shared(codec, d, role, x.device)
     use_triton = backend == "triton" or (backend == "auto" and x.is_cuda and _has_triton())
     if not use_triton or layout.unsupported(d):
         return encode_vq_ref(x, rot, cb, out, start)
@@ -54,20 +57,25 @@ def encode_vq(
         )
     if start is None:
         start = torch.zeros(b, dtype=torch.int32, device=x.device)
-    encode_vq_triton(x, rot, cb, layout, out[0], out[1], start)
+    encode_vq_triton(x, rot, cb, layout, out[0], out[1], start, mma=mma, padded=padded)
     return out
 
 
 _SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _shared(codec: Codec, d: int, role: Role, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotation and codebook on ``device``, cached: no host copies on the hot path (CUDA graphs)."""
+def _shared(
+    codec: Codec, d: int, role: Role, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Rotation, codebook and padded codebook (the tensor-core search's) on ``device``, cached:
+    no host copies on the hot path (CUDA graphs)."""
+    from .pad import pad_codebook
+
     per = _SHARED.setdefault(codec, {})
     key = (d, role, str(device))
     if key not in per:
         cb = codec.codebook(d, role).float().to(device).contiguous()  # type: ignore[attr-defined]
-        per[key] = (rotation_matrix(codec, d).to(device).contiguous(), cb)
+        per[key] = (rotation_matrix(codec, d).to(device).contiguous(), cb, pad_codebook(cb))
     return per[key]
 
 

@@ -1,10 +1,22 @@
 """Fused rotation + nearest-codeword + pack + norm, one pass over the new keys or values.
 
-One program encodes ``BM`` vectors: the fp32 norm, ``y = Π u`` as an fp32 ``tl.dot`` (IEEE, to
-match the torch encode), a running argmin over the ``N`` codewords of ``‖c‖² − 2⟨y_j, c⟩`` (strict
-``<`` keeps the first index on ties, as ``torch.argmin``), then the indices are packed into
-``pack_rows`` words in registers and stored with the fp16 norm at the row ``start[b] + t``, so a
-prefill chunk and a decode step's single token share the kernel.
+One program encodes ``BM`` vectors: the fp32 norm, ``y = Π u`` as a 3xTF32 ``tl.dot`` (about fp32,
+to match the torch encode), the nearest codeword of each ``vec``-block by ``‖c‖² − 2⟨y_j, c⟩``
+(first index on ties, as ``torch.argmin``), then the indices are packed into ``pack_rows`` words in
+registers and stored with the fp16 norm at the row ``start[b] + t``, so a prefill chunk and a
+decode step's single token share the kernel.
+
+Two searches for the nearest codeword:
+
+- a running argmin over the ``N`` codewords on CUDA cores (strict ``<``): ``N·d`` multiply-adds
+  per vector, fine for scalar levels and small codebooks;
+- ``MMA`` (blocks of 8 or 16 coordinates, ``N >= 64``; :func:`~.pad.mma_ok`): every ``⟨y_j, c_n⟩`` on tensor cores. The blocks of
+  ``y`` become the rows of a ``[BM·R, KP]`` tile, zero-padded to ``KP = 16`` coordinates (the
+  tensor-core K) by interleaving zeros; one ``tl.dot`` against the codebook padded the same way
+  (``[KP, BN]``) scores ``BN`` codewords per chunk, and a
+  per-chunk ``tl.argmin`` (leftmost on ties) with a strict ``<`` across chunks keeps the first
+  index. The padding wastes tensor-core work that costs nothing here: the CUDA-core search was
+  18-39% of a 32k prefill's attention at ``N = 256`` (docs/results/decode-attention-h100-notes.md).
 """
 
 from __future__ import annotations
@@ -14,43 +26,16 @@ import triton
 import triton.language as tl
 
 from ..layout import CodeLayout
+from .pad import KP, mma_ok, pad_codebook
 
 __all__ = ["encode_vq_triton"]
 
 
 @triton.jit
-def _encode_kernel(
-    x_ptr,
-    rot_ptr,
-    cb_ptr,
-    cn2_ptr,
-    codes_ptr,
-    norm_ptr,
-    start_ptr,
-    M,
-    T,
-    Hkv,
-    TCAP,
-    D: tl.constexpr,
-    BM: tl.constexpr,
-    VEC: tl.constexpr,
-    NLEV: tl.constexpr,
-    BITS: tl.constexpr,
-    P: tl.constexpr,
-    NW: tl.constexpr,
-    WB: tl.constexpr,
-    RB: tl.constexpr,
+def _argmin_loop(
+    y, cb_ptr, cn2_ptr, BM: tl.constexpr, D: tl.constexpr, VEC: tl.constexpr, NLEV: tl.constexpr
 ):
-    pid = tl.program_id(0)
-    rows = pid * BM + tl.arange(0, BM)
-    rmask = rows < M
-    d = tl.arange(0, D)
-    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
-    x = x.to(tl.float32)  # [BM, D]
-    nrm = tl.sqrt(tl.sum(x * x, 1))
-    u = x / tl.maximum(nrm, 1.1754943508222875e-38)[:, None]
-    rot_t = tl.load(rot_ptr + d[None, :] * D + d[:, None])  # [D, D]: Πᵀ
-    y = tl.dot(u, rot_t, input_precision="tf32x3")  # [BM, D] rotated unit vectors (3xTF32 ~ fp32)
+    """``[BM, D // VEC]`` nearest-codeword indices of ``y`` by a running argmin on CUDA cores."""
     best = tl.full((BM, D // VEC), float("inf"), tl.float32)
     arg = tl.zeros((BM, D // VEC), tl.int32)
     if VEC == 1:  # scalar levels: no block axis to reduce
@@ -68,6 +53,88 @@ def _encode_kernel(
             better = dist < best
             best = tl.where(better, dist, best)
             arg = tl.where(better, n, arg)
+    return arg
+
+
+@triton.jit
+def _argmin_mma(
+    y,
+    cp_ptr,
+    cn2_ptr,
+    BM: tl.constexpr,
+    D: tl.constexpr,
+    VEC: tl.constexpr,
+    NLEV: tl.constexpr,
+    KP: tl.constexpr,
+    BN: tl.constexpr,
+):
+    """``[BM, D // VEC]`` nearest-codeword indices of ``y`` with the scores on tensor cores."""
+    R: tl.constexpr = D // VEC
+    yb = tl.reshape(y, (BM * R, VEC))  # blocks as rows
+    # zero-pad to KP columns by interleaving (constexpr ifs): coordinate c lands on c·(KP // VEC)
+    if VEC <= KP // 2:
+        yb = tl.reshape(tl.join(yb, tl.zeros_like(yb)), (BM * R, 2 * VEC))
+    if VEC <= KP // 4:
+        yb = tl.reshape(tl.join(yb, tl.zeros_like(yb)), (BM * R, 4 * VEC))
+    if VEC <= KP // 8:
+        yb = tl.reshape(tl.join(yb, tl.zeros_like(yb)), (BM * R, 8 * VEC))
+    kp = tl.arange(0, KP)
+    nb = tl.arange(0, BN)
+    best = tl.full((BM * R,), float("inf"), tl.float32)
+    arg = tl.zeros((BM * R,), tl.int32)
+    for n0 in range(0, NLEV, BN):
+        c = tl.load(cp_ptr + kp[:, None] * NLEV + (n0 + nb)[None, :])  # [KP, BN]
+        s = tl.dot(yb, c, input_precision="tf32x3")  # [BM·R, BN]
+        dist = tl.load(cn2_ptr + n0 + nb)[None, :] - 2.0 * s
+        m = tl.min(dist, 1)
+        a = tl.argmin(dist, 1, tie_break_left=True).to(tl.int32) + n0
+        better = m < best
+        best = tl.where(better, m, best)
+        arg = tl.where(better, a, arg)
+    return tl.reshape(arg, (BM, R))
+
+
+@triton.jit
+def _encode_kernel(
+    x_ptr,
+    rot_ptr,
+    cb_ptr,
+    cp_ptr,
+    cn2_ptr,
+    codes_ptr,
+    norm_ptr,
+    start_ptr,
+    M,
+    T,
+    Hkv,
+    TCAP,
+    D: tl.constexpr,
+    BM: tl.constexpr,
+    VEC: tl.constexpr,
+    NLEV: tl.constexpr,
+    BITS: tl.constexpr,
+    P: tl.constexpr,
+    NW: tl.constexpr,
+    WB: tl.constexpr,
+    RB: tl.constexpr,
+    MMA: tl.constexpr,
+    KP: tl.constexpr,
+    BN: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    rmask = rows < M
+    d = tl.arange(0, D)
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
+    x = x.to(tl.float32)  # [BM, D]
+    nrm = tl.sqrt(tl.sum(x * x, 1))
+    u = x / tl.maximum(nrm, 1.1754943508222875e-38)[:, None]
+    rot_t = tl.load(rot_ptr + d[None, :] * D + d[:, None])  # [D, D]: Πᵀ
+    y = tl.dot(u, rot_t, input_precision="tf32x3")  # [BM, D] rotated unit vectors (3xTF32 ~ fp32)
+    if MMA:
+        arg = _argmin_mma(y, cp_ptr, cn2_ptr, BM, D, VEC, NLEV, KP, BN)
+    else:
+        arg = _argmin_loop(y, cb_ptr, cn2_ptr, BM, D, VEC, NLEV)
     shifts = tl.arange(0, P) * BITS
     words = tl.sum(tl.reshape(arg, (BM, NW, P)) << shifts[None, None, :], 2)  # [BM, NW]
     bh = rows // T
@@ -92,19 +159,34 @@ def encode_vq_triton(
     codes_out: torch.Tensor,
     norm_out: torch.Tensor,
     start: torch.Tensor,
-    block: int = 32,
+    block: int | None = None,
     num_warps: int = 8,
+    mma: bool | None = None,
+    padded: torch.Tensor | None = None,
+    bn: int = 64,
 ) -> None:
-    """Encode ``x`` [B, Hkv, T, d] into ``codes_out``/``norm_out`` [B, Hkv, TCAP, ...] at ``start[b]+t``."""
+    """Encode ``x`` [B, Hkv, T, d] into ``codes_out``/``norm_out`` [B, Hkv, TCAP, ...] at ``start[b]+t``.
+
+    ``mma``: the tensor-core search (None: wherever :func:`mma_ok`); ``padded``: its
+    :func:`pad_codebook`, built here when not given (callers cache it)."""
     b, hkv, t, d = x.shape
     m = b * hkv * t
     cb = codebook.float().contiguous()
     cn2 = (cb * cb).sum(-1)  # [N] ‖c‖², tiny
+    use_mma = mma_ok(layout, d) if mma is None else mma
+    if use_mma:
+        cp = padded if padded is not None else pad_codebook(cb)
+        assert cp is not None and layout.levels >= bn, "mma needs vec | 16 and >= bn codewords"
+        block = block or 32  # BM=32, BN=64, 8 warps: the fastest of an H100 sweep at k=8
+    else:
+        cp = cb  # unused
+        block = block or 32
     grid = (triton.cdiv(m, block),)
     _encode_kernel[grid](
         x.contiguous(),
         rotation.float().contiguous(),
         cb,
+        cp,
         cn2,
         codes_out,
         norm_out,
@@ -122,5 +204,8 @@ def encode_vq_triton(
         d // layout.vec // layout.per_word,
         layout.word_bytes,
         layout.row_bytes(d),
+        use_mma,
+        KP,
+        bn,
         num_warps=num_warps,
     )

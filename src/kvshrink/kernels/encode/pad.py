@@ -1,0 +1,36 @@
+"""Operands of the encode kernel's tensor-core search, built on the host (no Triton import:
+``encode_vq`` caches them beside the codebook on any device)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..layout import CodeLayout
+
+__all__ = ["KP", "mma_ok", "pad_codebook"]
+
+#: block coordinates padded to the tensor-core K of a tf32 ``tl.dot``
+KP = 16
+
+
+def mma_ok(layout: CodeLayout, d: int) -> bool:
+    """Where the tensor-core search is the default: blocks of 8 or 16 coordinates and >= 64
+    codewords. Measured on an H100 (32k-token K+V encode, docs/results/decode-attention-h100-notes.md):
+    FibQuant b=1, k=8 (N=256) 2.7 ms against 6.9-10.2 ms for the CUDA-core loop; at k=4 (N=256)
+    and k=2 the padded rows (R = d/vec of them per vector, each argmin'd over N) cost as much
+    as the loop or more (4.7 vs 4.6 ms at k=4, 9.2 vs 3.4 ms at k=2), so those keep the loop."""
+    r = d // layout.vec
+    vec = layout.vec
+    return vec >= 8 and KP % vec == 0 and layout.levels >= 64 and r & (r - 1) == 0
+
+
+def pad_codebook(codebook: torch.Tensor) -> torch.Tensor | None:
+    """``[KP, N]``: the codebook transposed, coordinate ``c`` on row ``c·(KP // vec)`` (where the
+    kernel's interleaved zero-padding puts it), zeros elsewhere; None where ``vec`` does not
+    divide ``KP`` (k = 3, 6: those keep the CUDA-core search)."""
+    n, vec = codebook.shape
+    if KP % vec:
+        return None
+    out = codebook.new_zeros(KP, n, dtype=torch.float32)
+    out[:: KP // vec] = codebook.float().T
+    return out.contiguous()
