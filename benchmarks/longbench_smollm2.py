@@ -54,6 +54,8 @@ TARGETS = {"niah_single": (2048,), "multiturn:turns=2": (1024,)}
 #: spend the bits unevenly between keys and values (CPU, 3 cases: 1/3 and 1/2 retrieved).
 #: the six most key-sensitive layers of SmolLM2 (docs/results/layer-sensitivity-smollm2.md)
 _KEYS = "10,11,18-20,23"
+#: the twelve most key-sensitive (same table, 1.5-bit keys): K19 K10 K23 K20 K11 K18 K26 K24 K8 K17 K16 K15
+_KEYS12 = "8,10,11,15-20,23,24,26"
 LEVELS = {
     4: (
         0.75,
@@ -65,15 +67,19 @@ LEVELS = {
     8: (
         0.875,
         [
-            "fibquant:k=4,kb=2,vb=1.5+cache:window=0,block=32",
-            "fibquant:k=4,kb=2.5,vb=1+cache:window=0,block=32",
-            "fibquant:k=2,kb=2.5,vb=1+cache:window=0,block=32",
-            # per-layer (codecs/plan.py): 3-bit keys on the six layers whose key error moves the
-            # model most (docs/results/layer-sensitivity-smollm2.md), 1-bit values wherever value
-            # error does not matter (every layer but 0-1)
+            # per-layer (codecs/plan.py): 3-bit keys on the layers whose key error moves the model
+            # most (docs/results/layer-sensitivity-smollm2.md), 1-bit values wherever value error
+            # does not matter (every layer but 0-1). The first row was the best of five on the
+            # 50-case needle and two-turn H100 runs (60.0% at 7.29x, 41.0% at 6.88x); the other
+            # two spend the headroom above the presses' measured ratio (7.07x at 2048, 6.37x at
+            # 1024 tokens: they keep the question whole) on keys: 2.5 bits elsewhere, or 3 bits
+            # on the twelve most key-sensitive layers. Uniform rates measured lower (34-58% at
+            # 7.17-7.26x, longbench-smollm2-needle8x.md).
             f"layers:at=[{_KEYS}],key=[fibquant:b=3,k=4]+layers:at=[0-1],value=[fibquant:b=1.5,k=4]"
-            "+fibquant:k=4,kb=2,vb=1+cache:window=0,block=32",
+            "+fibquant:k=4,kb=2.25,vb=1+cache:window=0,block=32",
             f"layers:at=[{_KEYS}],key=[fibquant:b=3,k=4]+layers:at=[0-1],value=[fibquant:b=1.5,k=4]"
+            "+fibquant:k=4,kb=2.5,vb=1+cache:window=0,block=32",
+            f"layers:at=[{_KEYS12}],key=[fibquant:b=3,k=4]+layers:at=[0-1],value=[fibquant:b=1.5,k=4]"
             "+fibquant:k=4,kb=2.25,vb=1+cache:window=0,block=32",
         ],
     ),
