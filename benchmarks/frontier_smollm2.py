@@ -76,6 +76,9 @@ TARGETS = {
     "best at >=5.5x": "layers:at=[0],codec=[fibquant:b=2,k=4,kb=2.5,vb=3,sinks=1,window=16,prerope=1]+layers:at=[1],codec=[fibquant:b=2,k=4,kb=3,vb=3,sinks=1,window=16,prerope=1]+layers:at=[4,9,11-13,16,22,25,27],codec=[fibquant:b=2,k=4,kb=3,vb=1.5,sinks=1,window=16,prerope=1]+layers:at=[7,8,17-20,23,24],codec=[fibquant:b=2,k=4,kb=3,vb=2.5,sinks=1,window=16,prerope=1]+layers:at=[28],codec=[fibquant:b=2,k=4,kb=2.5,sinks=1,window=16,prerope=1]+layers:at=[29],codec=[fibquant:b=2,k=4,kb=2.5,vb=1.5,sinks=1,window=16,prerope=1]+fibquant:b=2,k=4,kb=3,sinks=1,window=16,prerope=1",
     "one rate at ~7x": "fibquant:b=2,k=4,kb=2.5,vb=1.5,sinks=1,prerope=1",
     "one rate at >=5.5x": "fibquant:b=2.5,k=4,kb=3,vb=2,sinks=1,window=16,prerope=1",
+    # attention cosine >= 0.99 at >= 4x: keys at 4 bits, centred and coded before RoPE (centring
+    # raises cosine the most, docs/results/frontier-smollm2-search.md), values at 3 bits
+    "cos >= 0.99 at >= 4x": "fibquant:b=4,k=2,kb=4,vb=3,sinks=1,center=1,prerope=1",
     "hf-quanto b=4": "hf-quanto:b=4",
     "hf-quanto b=2": "hf-quanto:b=2",
 }
