@@ -186,3 +186,18 @@ def test_summary_standard_error(tiny, hay) -> None:
         model, tok, ["none"], LongbenchConfig(("niah_single:max_new_tokens=2",), (256,), 1), hay
     )
     assert math.isnan(data["rows"][0]["accuracy_se"])  # one case: no spread to report
+
+
+def test_press_hook_sees_the_cache_under_its_old_name() -> None:
+    """transformers 5.25 passes attention modules ``cache=``; kvpress's hook reads
+    ``past_key_values`` (KeyError without the alias). An old-style call passes through as is."""
+    from kvshrink.eval.kvpress_peer import _cache_alias
+
+    seen: list[dict] = []
+    hook = _cache_alias(lambda module, args, kwargs, output: seen.append(kwargs) or output)
+    cache = object()
+    assert hook(None, (), {"cache": cache, "hidden_states": 1}, "out") == "out"
+    assert seen[-1]["past_key_values"] is cache and seen[-1]["hidden_states"] == 1
+    old = {"past_key_values": cache}
+    hook(None, (), old, None)
+    assert seen[-1] is old
