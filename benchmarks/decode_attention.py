@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from kvshrink.codecs import CODECS, Codec, CodecConfig, Packed, make_codec
 from kvshrink.kernels import Window, decode_attention, decode_attention_ref, encode_vq, layout_of
 from kvshrink.kernels.encode import encode_vq_ref
-from kvshrink.kernels.encode.pad import mma_ok
+from kvshrink.kernels.encode.pad import mma_ok, mma_supported
 
 HQ, HKV, D, WIN = 32, 8, 128, 128
 SHAPES = [(1, 32768), (8, 8192), (8, 32768), (32, 8192)]
@@ -504,7 +504,7 @@ def bench_encode(timer: Timer, methods: list[str], compare_search: bool = False)
             "pct_of_prefill": 100 * ms / prefill_ms,
             "single_token_B8_ms": one_ms,
         }
-        if compare_search and lay.vec > 1 and lay.levels >= 64 and 16 % lay.vec == 0:
+        if compare_search and mma_supported(lay, D):
             other = not default_mma
             ms_o = timer(
                 lambda codec=codec, o=other: (

@@ -74,10 +74,11 @@ def test_encode_vq_triton_search(name: str, mma: bool) -> None:
 
 
 def test_mma_search_chosen_for_large_vector_codebooks() -> None:
-    from kvshrink.kernels.encode.pad import mma_ok, pad_codebook
+    from kvshrink.kernels.encode.pad import mma_ok, mma_supported, pad_codebook
 
     assert mma_ok(layout_of(StubVQ(8, 8), "key", 128), 128)
     assert not mma_ok(layout_of(StubVQ(8, 4), "key", 128), 128)  # measured: the loop is as fast at k=4
+    assert mma_supported(layout_of(StubVQ(8, 4), "key", 128), 128)  # but it can be forced
     assert not mma_ok(layout_of(StubVQ(4, 1), "key", 128), 128)  # scalar levels
     assert not mma_ok(layout_of(StubVQ(4, 8), "key", 128), 128)  # 16 codewords: the loop is cheap
     cb = torch.arange(12.0).reshape(4, 3)

@@ -34,8 +34,8 @@ def encode_vq(
 
     Returns ``(codes, norm)``: uint8 ``[B, Hkv, T, row_bytes]`` and fp16 ``[B, Hkv, T]``, or the
     ``out`` cache tensors (capacity ``TCAP``) with rows ``start[b] .. start[b]+T`` written.
-    ``mma``: the kernel's nearest-codeword search on tensor cores (None: for codebooks of >= 64
-    vector codewords, where it is the faster one; see ``kernel.py``).
+    ``mma``: the kernel's nearest-codeword search on tensor cores (None: where it measured faster,
+    8- and 16-wide blocks of >= 64 codewords; see ``kernel.py`` and ``pad.py``).
     """
     if x.dim() != 4:
         raise InputError(f"encode_vq: expected x of shape [B, Hkv, T, d], got {tuple(x.shape)}")

@@ -10,12 +10,12 @@ Two searches for the nearest codeword:
 
 - a running argmin over the ``N`` codewords on CUDA cores (strict ``<``): ``N·d`` multiply-adds
   per vector, fine for scalar levels and small codebooks;
-- ``MMA`` (blocks of 8 or 16 coordinates, ``N >= 64``; :func:`~.pad.mma_ok`): every ``⟨y_j, c_n⟩`` on tensor cores. The blocks of
-  ``y`` become the rows of a ``[BM·R, KP]`` tile, zero-padded to ``KP = 16`` coordinates (the
-  tensor-core K) by interleaving zeros; one ``tl.dot`` against the codebook padded the same way
-  (``[KP, BN]``) scores ``BN`` codewords per chunk, and a
-  per-chunk ``tl.argmin`` (leftmost on ties) with a strict ``<`` across chunks keeps the first
-  index. The padding wastes tensor-core work that costs nothing here: the CUDA-core search was
+- ``MMA`` (the default for 8- and 16-wide blocks of >= 64 codewords, :func:`~.pad.mma_ok`): every
+  ``⟨y_j, c_n⟩`` on tensor cores. The blocks of ``y`` become the rows of a ``[BM·R, KP]`` tile,
+  zero-padded to ``KP = 16`` coordinates (the tensor-core K) by interleaving zeros; one
+  ``tl.dot`` against the codebook padded the same way (``[KP, BN]``) scores ``BN`` codewords per
+  chunk, and a per-chunk ``tl.argmin`` (leftmost on ties) with a strict ``<`` across chunks keeps
+  the first index. The padding wastes tensor-core work that costs nothing here: the CUDA-core search was
   18-39% of a 32k prefill's attention at ``N = 256`` (docs/results/decode-attention-h100-notes.md).
 """
 
@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..layout import CodeLayout
-from .pad import KP, mma_ok, pad_codebook
+from .pad import KP, mma_ok, mma_supported, pad_codebook
 
 __all__ = ["encode_vq_triton"]
 
@@ -174,13 +174,11 @@ def encode_vq_triton(
     cb = codebook.float().contiguous()
     cn2 = (cb * cb).sum(-1)  # [N] ‖c‖², tiny
     use_mma = mma_ok(layout, d) if mma is None else mma
+    block = block or 32  # for the tensor-core search: the fastest of an H100 sweep at k=8 (BN=64, 8 warps)
+    cp = cb  # unused by the loop
     if use_mma:
+        assert mma_supported(layout, d) and layout.levels >= bn, f"no tensor-core search for {layout}"
         cp = padded if padded is not None else pad_codebook(cb)
-        assert cp is not None and layout.levels >= bn, "mma needs vec | 16 and >= bn codewords"
-        block = block or 32  # BM=32, BN=64, 8 warps: the fastest of an H100 sweep at k=8
-    else:
-        cp = cb  # unused
-        block = block or 32
     grid = (triton.cdiv(m, block),)
     _encode_kernel[grid](
         x.contiguous(),

@@ -7,21 +7,26 @@ import torch
 
 from ..layout import CodeLayout
 
-__all__ = ["KP", "mma_ok", "pad_codebook"]
+__all__ = ["KP", "mma_ok", "mma_supported", "pad_codebook"]
 
 #: block coordinates padded to the tensor-core K of a tf32 ``tl.dot``
 KP = 16
 
 
+def mma_supported(layout: CodeLayout, d: int) -> bool:
+    """Layouts the tensor-core search can serve: vector blocks whose width divides ``KP``, a
+    power-of-two number of blocks per vector, and at least one 64-codeword chunk."""
+    r = d // layout.vec
+    return layout.vec > 1 and KP % layout.vec == 0 and layout.levels >= 64 and r & (r - 1) == 0
+
+
 def mma_ok(layout: CodeLayout, d: int) -> bool:
-    """Where the tensor-core search is the default: blocks of 8 or 16 coordinates and >= 64
-    codewords. Measured on an H100 (32k-token K+V encode, docs/results/decode-attention-h100-notes.md):
+    """Where the tensor-core search is the default: supported layouts with 8- or 16-wide blocks.
+    Measured on an H100 (32k-token K+V encode, docs/results/decode-attention-h100-notes.md):
     FibQuant b=1, k=8 (N=256) 2.7 ms against 6.9-10.2 ms for the CUDA-core loop; at k=4 (N=256)
     and k=2 the padded rows (R = d/vec of them per vector, each argmin'd over N) cost as much
     as the loop or more (4.7 vs 4.6 ms at k=4, 9.2 vs 3.4 ms at k=2), so those keep the loop."""
-    r = d // layout.vec
-    vec = layout.vec
-    return vec >= 8 and KP % vec == 0 and layout.levels >= 64 and r & (r - 1) == 0
+    return mma_supported(layout, d) and layout.vec >= 8
 
 
 def pad_codebook(codebook: torch.Tensor) -> torch.Tensor | None:
