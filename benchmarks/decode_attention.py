@@ -294,6 +294,12 @@ def main() -> None:
     ap.add_argument("--methods", default="", help="';'-separated specs (default: all)")
     ap.add_argument("--quick", action="store_true", help="one shape, no config sweep")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--configs", help="JSON list of launch configs to sweep instead of the built-in list")
+    ap.add_argument(
+        "--sweep-only",
+        action="store_true",
+        help="only the correctness checks and the config sweep at B=8, L=32k (decode-attention-sweep-<gpu>.json)",
+    )
     ap.add_argument(
         "--encode-only",
         action="store_true",
@@ -314,7 +320,8 @@ def main() -> None:
         write_encode(args.out, f"decode-attention-encode-{slug}", dev, enc_checks, enc, time.time() - t_start)
         return
     checks = guarded("correctness", check_correctness, methods) or []
-    enc_checks = guarded("encode check", check_encode, methods) or []
+    enc_checks = [] if args.sweep_only else guarded("encode check", check_encode, methods) or []
+    sweep_configs = json.loads(args.configs) if args.configs else CONFIGS
 
     shapes = SHAPES[2:3] if args.quick else SHAPES
     # config sweep at B=8, L=32k: keep the fastest per method
@@ -331,10 +338,10 @@ def main() -> None:
             torch.full((b,), WIN, device="cuda", dtype=torch.int32),
         )
         lengths = torch.full((b,), L - WIN, device="cuda", dtype=torch.int32)
-        configs = CONFIGS[:1] if (args.no_sweep or args.quick) else CONFIGS
+        configs = sweep_configs[:1] if (args.no_sweep or args.quick) else sweep_configs
         if layout_of(codec, "key", D).vec > 1:  # only the stream-major kernel takes vector codes
             configs = [c for c in configs if c.get("sub") is not False]
-        if method == "turboquant:b=2" and not args.quick:
+        if method == "turboquant:b=2" and not args.quick and not args.configs:
             configs = [*configs, {**CONFIGS[0], "select": True}]
         for cfg in configs:
             try:
@@ -352,6 +359,17 @@ def main() -> None:
 
     best_cfg = {m: v["config"] for m, v in best.items()}
     checks += guarded("correctness (best configs)", check_correctness, methods, best_cfg) or []
+    if args.sweep_only:
+        for cfg in sweep_configs:  # every swept config must also be right, not only the fastest
+            checks += (
+                guarded("correctness (sweep)", check_correctness, methods, {m: cfg for m in methods}) or []
+            )
+        sdpa_ms = time_sdpa(timer, 8, 32768)
+        print(f"sdpa-fp16 B=8 L=32768 {sdpa_ms * 1e3:8.1f} us")
+        res = {"device": dev, "copy_bandwidth_TBps": bw, "reps": args.reps, "sdpa_fp16_ms": sdpa_ms}
+        res |= {"sweep": sweep, "checks": checks, "torch": torch.__version__}
+        write_json(args.out, f"decode-attention-sweep-{slug}", res)
+        return
     rows: list[dict] = []
     details: list[dict] = []
     sdpa_backend = None
@@ -626,6 +644,30 @@ def guarded(what: str, fn, *args):
         print(f"FAILED {what}: {type(e).__name__}: {str(e)[:400]}")
         torch.cuda.synchronize()
         return None
+
+
+def time_sdpa(timer: Timer, b: int, L: int) -> float:
+    """fp16 SDPA decode at (B, L), backend pinned as in the main table."""
+    from torch.nn.attention import sdpa_kernel
+
+    q4 = torch.randn(b, HQ, 1, D, device="cuda").half()
+    kf = torch.randn(b, HKV, L, D, device="cuda").half()
+    vf = torch.randn(b, HKV, L, D, device="cuda").half()
+    _, be = pick_sdpa(q4, kf, vf)
+
+    def sdpa():
+        with sdpa_kernel([be]):
+            return F.scaled_dot_product_attention(q4, kf, vf, enable_gqa=True)
+
+    return timer(sdpa)
+
+
+def write_json(out_dir: str, stem: str, result: dict) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{stem}.json.")
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(result, indent=1))
+    os.replace(tmp, os.path.join(out_dir, f"{stem}.json"))
 
 
 def write(out_dir: str, stem: str, result: dict) -> None:
