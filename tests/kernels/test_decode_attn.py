@@ -202,6 +202,29 @@ def test_decode_attention_cuda_llama_shape(name: str) -> None:
     assert_close_to_reference(out, dev[0], pk, pv, dev[1], window, codec)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["int4", "int4-group32", "int8", "kivi2", "kivi4-group16", "tq-b4"])
+@pytest.mark.parametrize("stages", [1, 2])
+def test_decode_attention_cuda_magic_unpack(name: str, stages: int) -> None:
+    """The sub-stream kernel with codes turned into fp16 by PTX (``magic.py``: integer codes by
+    the 0x6400 trick, 16-level codebooks by byte permutes) against the reference, and against
+    the same kernel's plain path (both exact: the outputs agree)."""
+    codec = CODECS[name]()
+    q, pk, pv, lengths, window = _case(
+        codec, b=3, hkv=8, g=4, t=512, d=128, w=64, seed=11, lengths=(512, 301, 1)
+    )
+    q, lengths = q.cuda(), lengths.cuda()
+    pk, pv = pk.to("cuda"), pv.to("cuda")
+    window = Window(*(x.cuda() for x in window))
+    outs = {}
+    for magic in (True, False):
+        cfg = {"sub": True, "magic": magic, "num_stages": stages}
+        outs[magic] = decode_attention(q, pk, pv, lengths, window, codec=codec, backend="triton", config=cfg)
+        assert_close_to_reference(outs[magic], q, pk, pv, lengths, window, codec)
+    assert (outs[True].float() - outs[False].float()).abs().max() <= 1e-3
+
+
 def test_import_is_light() -> None:
     import subprocess
     import sys

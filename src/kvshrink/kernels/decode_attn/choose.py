@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..layout import CodeLayout
+from .magic import PACK, lut_asm, unpack_asm
 
 __all__ = [
     "DEFAULTS",
@@ -19,6 +20,8 @@ __all__ = [
     "as_words",
     "gather_measured_faster",
     "gather_ok",
+    "magic_args",
+    "magic_measured_faster",
     "prefetch_measured_faster",
     "role_args",
     "sub_args",
@@ -37,7 +40,8 @@ class DecodeConfig(dict):
     N <= 4 scalar levels), ``sub`` (True/False: force the sub-stream kernel on or off), and for
     the general kernel ``prefetch`` (load the next block's codes while the current one is decoded)
     and ``gather`` (VQ codewords by ``tl.gather`` from a shared-memory copy of the codebook instead
-    of L1 loads). ``sub``, ``prefetch`` and ``gather`` left at None: where they measured faster."""
+    of L1 loads), ``magic`` (sub-stream kernel: integer codes and 16-level codebooks to fp16 by
+    the PTX of ``magic.py``; None: on CUDA where it measured faster). ``sub``, ``prefetch`` and ``gather`` left at None: where they measured faster."""
 
 
 def role_args(lay: CodeLayout, d: int, bt: int, select: bool) -> tuple:
@@ -76,6 +80,7 @@ DEFAULTS = {
     "sub": None,
     "prefetch": None,
     "gather": None,
+    "magic": None,
 }
 
 
@@ -156,3 +161,33 @@ def sub_args(lay: CodeLayout, d: int, select: bool) -> tuple:
     sel = lay.kind == "vq" and select and lay.levels <= 4
     ng = d // group if lay.kind == "token" else 1
     return (KIND[lay.kind], max(lay.levels, 2), sel, fold, lay.zero, group, ng, lay.has_min)
+
+
+def magic_measured_faster(lk: CodeLayout) -> bool:
+    """Where the PTX unpack of ``magic.py`` measured faster than the plain path on a GPU.
+
+    Not yet timed (no device in the session that wrote it): off everywhere until it is; the
+    SASS counts (``benchmarks/kernel_sass.py``) say int4 38 vs 50 and TurboQuant b=4 52 vs 78
+    warp-instructions per token."""
+    return False
+
+
+def magic_args(
+    lay: CodeLayout, d: int, word: tuple[int, int, int], on: bool, codebook: torch.Tensor | None = None
+) -> tuple[str, ...]:
+    """The ``K_MAGIC``/``V_MAGIC`` constexpr of the sub-stream kernel: a PTX string per
+    sub-stream for integer codes in 1-, 2- or 4-byte words; for a 16-level scalar codebook
+    (TurboQuant b=4) the lookup asm and its constraints; else ``()``, the plain path.
+
+    A symmetric layout whose scale is applied per element gets its zero point subtracted in the
+    PTX (``code - zero`` is exact in fp16), so the kernel skips the separate ``- zero·scale``."""
+    wby, per, _ = word
+    if on and lay.kind == "vq" and lay.vec == 1 and lay.bits == 4 and wby in PACK and codebook is not None:
+        pattern = codebook.detach().to("cpu", torch.float16).contiguous().view(torch.int16).flatten()
+        asm, cons, _ = lut_asm(wby, 4, [int(x) & 0xFFFF for x in pattern.tolist()])
+        return (asm, cons)
+    if not on or lay.kind == "vq" or wby not in PACK or lay.bits not in (1, 2, 4, 8):
+        return ()
+    per_element = lay.kind == "token" and (lay.group or d) != d and not lay.has_min  # not folded
+    zero = lay.zero if per_element else 0
+    return tuple(unpack_asm(wby, lay.bits, r, zero)[0] for r in range(per))

@@ -43,6 +43,8 @@ from .choose import (
     as_words,
     gather_measured_faster,
     gather_ok,
+    magic_args,
+    magic_measured_faster,
     prefetch_measured_faster,
     role_args,
     sub_args,
@@ -432,6 +434,7 @@ def decode_attention_triton(
     if sub:
         kw = sub_word(lk, d, 16)
         vw = sub_word(lv, d, 16 * cfg["num_warps"])
+        magic = q.is_cuda and magic_measured_faster(lk) if cfg["magic"] is None else bool(cfg["magic"])
         common = (qc, as_words(kc, kw[0]), ks, km, as_words(vc, vw[0]), *common[5:])
         _split_sub_kernel[grid](
             *common,
@@ -440,6 +443,8 @@ def decode_attention_triton(
             *word_args(lv, d, vw),
             *sub_args(lk, d, cfg["select"]),
             *sub_args(lv, d, cfg["select"]),
+            magic_args(lk, d, kw, magic, cbk if lk.kind == "vq" else None),
+            magic_args(lv, d, vw, magic, cbv if lv.kind == "vq" else None),
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )

@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import read_words, select_levels
+from .tiles import load_words, select_levels
 
 
 @triton.jit
@@ -36,9 +36,30 @@ def _sub(
     s_bc,
     m_bc,
     HAS_MIN: tl.constexpr,
+    MAGIC: tl.constexpr = (),
 ):
-    """Sub-stream ``r`` of a word tile as an fp16 ``[BT, NW]`` operand."""
-    idx = (words >> (r * BITS)) & ((1 << BITS) - 1)
+    """Sub-stream ``r`` of a word tile (as loaded) as an fp16 ``[BT, NW]`` operand.
+
+    ``MAGIC`` (CUDA only: one PTX string per sub-stream, ``magic.py``, whose constraints and pack
+    per word width are the ones spelled here): integer codes become fp16 two per three
+    instructions instead of a shift, mask and convert each."""
+    if KIND != 2 and len(MAGIC) > 0:
+        if words.dtype.primitive_bitwidth == 8:
+            y = tl.inline_asm_elementwise(
+                MAGIC[r], "=r,=r,r", [words], dtype=tl.float16, is_pure=True, pack=4
+            )
+        elif words.dtype.primitive_bitwidth == 16:
+            y = tl.inline_asm_elementwise(MAGIC[r], "=r,r", [words], dtype=tl.float16, is_pure=True, pack=2)
+        else:
+            y = tl.inline_asm_elementwise(MAGIC[r], "=r,r,r", [words], dtype=tl.float16, is_pure=True, pack=2)
+        if not FOLD:
+            y = y * s_bc
+            if HAS_MIN:
+                y = y + m_bc
+        return y
+    if KIND == 2 and len(MAGIC) > 0:
+        return _lut(words, MAGIC, words.dtype.primitive_bitwidth // BITS)[r]
+    idx = (words.to(tl.int32) >> (r * BITS)) & ((1 << BITS) - 1)
     if KIND == 2:
         if SEL:
             y = select_levels(idx, cb_ptr, NLEV)
@@ -51,6 +72,56 @@ def _sub(
         if HAS_MIN:
             y = y + m_bc
     return y
+
+
+@triton.jit
+def _group_tile(ptr, rows, tmask, NG: tl.constexpr, NW: tl.constexpr, BT: tl.constexpr):
+    """A per-token, per-group fp16 tensor (``[rows, NG]``) as the ``[BT, NW]`` tile of its words.
+
+    Word ``w`` (channels ``P·w + r``) lies in group ``w // (NW/NG)``: one load per group and a
+    broadcast, instead of a load per word (which cost ~80 loads per thread and block)."""
+    g = tl.load(ptr + rows[:, None] * NG + tl.arange(0, NG)[None, :], mask=tmask[:, None], other=0.0)
+    return tl.reshape(tl.broadcast_to(g.to(tl.float16)[:, :, None], (BT, NG, NW // NG)), (BT, NW))
+
+
+@triton.jit
+def _lut(words, MAGIC: tl.constexpr, P: tl.constexpr):
+    """All ``P`` sub-streams of a word tile as fp16 codewords, by the byte-permute table lookup of
+    ``magic.lut_asm`` (one asm for every sub-stream; the calls per sub-stream are one pure op
+    with the same operands, which the compiler merges)."""
+    PACK: tl.constexpr = 4 if words.dtype.primitive_bitwidth == 8 else 2
+    if P == 2:
+        ys = tl.inline_asm_elementwise(
+            MAGIC[0], MAGIC[1], [words], dtype=(tl.float16, tl.float16), is_pure=True, pack=PACK
+        )
+    elif P == 4:
+        ys = tl.inline_asm_elementwise(
+            MAGIC[0],
+            MAGIC[1],
+            [words],
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+            is_pure=True,
+            pack=PACK,
+        )
+    else:
+        ys = tl.inline_asm_elementwise(
+            MAGIC[0],
+            MAGIC[1],
+            [words],
+            dtype=(
+                tl.float16,
+                tl.float16,
+                tl.float16,
+                tl.float16,
+                tl.float16,
+                tl.float16,
+                tl.float16,
+                tl.float16,
+            ),
+            is_pure=True,
+            pack=PACK,
+        )
+    return ys
 
 
 @triton.jit
@@ -195,6 +266,8 @@ def _split_sub_kernel(
     V_GROUP: tl.constexpr,
     V_NG: tl.constexpr,
     V_MIN: tl.constexpr,
+    K_MAGIC: tl.constexpr = (),
+    V_MAGIC: tl.constexpr = (),
 ):
     sid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -283,19 +356,19 @@ def _split_sub_kernel(
             m_i = tl.full([BG], float("-inf"), tl.float32)
             l_i = tl.zeros([BG], tl.float32)
             lz = tl.zeros([BG], tl.float32)  # Σ p·scale (folded value zero-point)
-            wk_idx = tl.arange(0, NWK)
-            wv_idx = tl.arange(0, NWV)
+            # add the per-element min tile: KIVI's min, or -zero·scale unless the PTX took the zero
+            K_ADDM: tl.constexpr = K_MIN or len(K_MAGIC) == 0
+            V_ADDM: tl.constexpr = V_MIN or len(V_MAGIC) == 0
             for t0 in range(start, end, BT):
                 offs = t0 + tl.arange(0, BT)
                 tmask = offs < end
                 rows = bh.to(tl.int64) * T + offs
-                wk = read_words(kc_ptr, rows, tmask, RBK, NWK, WBK)
+                wk = load_words(kc_ptr, rows, tmask, RBK, NWK, WBK)
                 if K_KIND == 0 and not K_FOLD:
-                    gk = rows[:, None] * K_NG + (wk_idx // (K_GROUP // PK))[None, :]
-                    sk = tl.load(ks_ptr + gk, mask=tmask[:, None], other=0.0).to(tl.float16)
+                    sk = _group_tile(ks_ptr, rows, tmask, K_NG, NWK, BT)
                     mk = (sk.to(tl.float32) * -K_ZERO).to(tl.float16)  # symmetric: (c - Z)·s
                     if K_MIN:
-                        mk = tl.load(km_ptr + gk, mask=tmask[:, None], other=0.0).to(tl.float16)
+                        mk = _group_tile(km_ptr, rows, tmask, K_NG, NWK, BT)
                 else:
                     sk = tl.zeros([BT, NWK], tl.float16)
                     mk = sk
@@ -334,82 +407,221 @@ def _split_sub_kernel(
                     if PK > 7:
                         bias += c7
                     s = tl.dot(
-                        k0, tl.trans(_sub(wk, 0, BITS, K_KIND, K_NLEV, K_SEL, True, cbk_ptr, sk, mk, K_MIN))
+                        k0,
+                        tl.trans(
+                            _sub(wk, 0, BITS, K_KIND, K_NLEV, K_SEL, True, cbk_ptr, sk, mk, K_MIN, K_MAGIC)
+                        ),
                     )
                     if PK > 1:
                         s += tl.dot(
                             k1,
-                            tl.trans(_sub(wk, 1, BITS, K_KIND, K_NLEV, K_SEL, True, cbk_ptr, sk, mk, K_MIN)),
+                            tl.trans(
+                                _sub(
+                                    wk, 1, BITS, K_KIND, K_NLEV, K_SEL, True, cbk_ptr, sk, mk, K_MIN, K_MAGIC
+                                )
+                            ),
                         )
                     if PK > 2:
                         s += tl.dot(
                             k2,
-                            tl.trans(_sub(wk, 2, BITS, K_KIND, K_NLEV, K_SEL, True, cbk_ptr, sk, mk, K_MIN)),
+                            tl.trans(
+                                _sub(
+                                    wk, 2, BITS, K_KIND, K_NLEV, K_SEL, True, cbk_ptr, sk, mk, K_MIN, K_MAGIC
+                                )
+                            ),
                         )
                     if PK > 3:
                         s += tl.dot(
                             k3,
-                            tl.trans(_sub(wk, 3, BITS, K_KIND, K_NLEV, K_SEL, True, cbk_ptr, sk, mk, K_MIN)),
+                            tl.trans(
+                                _sub(
+                                    wk, 3, BITS, K_KIND, K_NLEV, K_SEL, True, cbk_ptr, sk, mk, K_MIN, K_MAGIC
+                                )
+                            ),
                         )
                     if PK > 4:
                         s += tl.dot(
                             k4,
-                            tl.trans(_sub(wk, 4, BITS, K_KIND, K_NLEV, K_SEL, True, cbk_ptr, sk, mk, K_MIN)),
+                            tl.trans(
+                                _sub(
+                                    wk, 4, BITS, K_KIND, K_NLEV, K_SEL, True, cbk_ptr, sk, mk, K_MIN, K_MAGIC
+                                )
+                            ),
                         )
                     if PK > 5:
                         s += tl.dot(
                             k5,
-                            tl.trans(_sub(wk, 5, BITS, K_KIND, K_NLEV, K_SEL, True, cbk_ptr, sk, mk, K_MIN)),
+                            tl.trans(
+                                _sub(
+                                    wk, 5, BITS, K_KIND, K_NLEV, K_SEL, True, cbk_ptr, sk, mk, K_MIN, K_MAGIC
+                                )
+                            ),
                         )
                     if PK > 6:
                         s += tl.dot(
                             k6,
-                            tl.trans(_sub(wk, 6, BITS, K_KIND, K_NLEV, K_SEL, True, cbk_ptr, sk, mk, K_MIN)),
+                            tl.trans(
+                                _sub(
+                                    wk, 6, BITS, K_KIND, K_NLEV, K_SEL, True, cbk_ptr, sk, mk, K_MIN, K_MAGIC
+                                )
+                            ),
                         )
                     if PK > 7:
                         s += tl.dot(
                             k7,
-                            tl.trans(_sub(wk, 7, BITS, K_KIND, K_NLEV, K_SEL, True, cbk_ptr, sk, mk, K_MIN)),
+                            tl.trans(
+                                _sub(
+                                    wk, 7, BITS, K_KIND, K_NLEV, K_SEL, True, cbk_ptr, sk, mk, K_MIN, K_MAGIC
+                                )
+                            ),
                         )
                     s = s + bias[:, None]
                 else:
                     s = tl.dot(
-                        h0, tl.trans(_sub(wk, 0, BITS, K_KIND, K_NLEV, K_SEL, K_FOLD, cbk_ptr, sk, mk, True))
+                        h0,
+                        tl.trans(
+                            _sub(wk, 0, BITS, K_KIND, K_NLEV, K_SEL, K_FOLD, cbk_ptr, sk, mk, K_ADDM, K_MAGIC)
+                        ),
                     )
                     if PK > 1:
                         s += tl.dot(
                             h1,
-                            tl.trans(_sub(wk, 1, BITS, K_KIND, K_NLEV, K_SEL, K_FOLD, cbk_ptr, sk, mk, True)),
+                            tl.trans(
+                                _sub(
+                                    wk,
+                                    1,
+                                    BITS,
+                                    K_KIND,
+                                    K_NLEV,
+                                    K_SEL,
+                                    K_FOLD,
+                                    cbk_ptr,
+                                    sk,
+                                    mk,
+                                    K_ADDM,
+                                    K_MAGIC,
+                                )
+                            ),
                         )
                     if PK > 2:
                         s += tl.dot(
                             h2,
-                            tl.trans(_sub(wk, 2, BITS, K_KIND, K_NLEV, K_SEL, K_FOLD, cbk_ptr, sk, mk, True)),
+                            tl.trans(
+                                _sub(
+                                    wk,
+                                    2,
+                                    BITS,
+                                    K_KIND,
+                                    K_NLEV,
+                                    K_SEL,
+                                    K_FOLD,
+                                    cbk_ptr,
+                                    sk,
+                                    mk,
+                                    K_ADDM,
+                                    K_MAGIC,
+                                )
+                            ),
                         )
                     if PK > 3:
                         s += tl.dot(
                             h3,
-                            tl.trans(_sub(wk, 3, BITS, K_KIND, K_NLEV, K_SEL, K_FOLD, cbk_ptr, sk, mk, True)),
+                            tl.trans(
+                                _sub(
+                                    wk,
+                                    3,
+                                    BITS,
+                                    K_KIND,
+                                    K_NLEV,
+                                    K_SEL,
+                                    K_FOLD,
+                                    cbk_ptr,
+                                    sk,
+                                    mk,
+                                    K_ADDM,
+                                    K_MAGIC,
+                                )
+                            ),
                         )
                     if PK > 4:
                         s += tl.dot(
                             h4,
-                            tl.trans(_sub(wk, 4, BITS, K_KIND, K_NLEV, K_SEL, K_FOLD, cbk_ptr, sk, mk, True)),
+                            tl.trans(
+                                _sub(
+                                    wk,
+                                    4,
+                                    BITS,
+                                    K_KIND,
+                                    K_NLEV,
+                                    K_SEL,
+                                    K_FOLD,
+                                    cbk_ptr,
+                                    sk,
+                                    mk,
+                                    K_ADDM,
+                                    K_MAGIC,
+                                )
+                            ),
                         )
                     if PK > 5:
                         s += tl.dot(
                             h5,
-                            tl.trans(_sub(wk, 5, BITS, K_KIND, K_NLEV, K_SEL, K_FOLD, cbk_ptr, sk, mk, True)),
+                            tl.trans(
+                                _sub(
+                                    wk,
+                                    5,
+                                    BITS,
+                                    K_KIND,
+                                    K_NLEV,
+                                    K_SEL,
+                                    K_FOLD,
+                                    cbk_ptr,
+                                    sk,
+                                    mk,
+                                    K_ADDM,
+                                    K_MAGIC,
+                                )
+                            ),
                         )
                     if PK > 6:
                         s += tl.dot(
                             h6,
-                            tl.trans(_sub(wk, 6, BITS, K_KIND, K_NLEV, K_SEL, K_FOLD, cbk_ptr, sk, mk, True)),
+                            tl.trans(
+                                _sub(
+                                    wk,
+                                    6,
+                                    BITS,
+                                    K_KIND,
+                                    K_NLEV,
+                                    K_SEL,
+                                    K_FOLD,
+                                    cbk_ptr,
+                                    sk,
+                                    mk,
+                                    K_ADDM,
+                                    K_MAGIC,
+                                )
+                            ),
                         )
                     if PK > 7:
                         s += tl.dot(
                             h7,
-                            tl.trans(_sub(wk, 7, BITS, K_KIND, K_NLEV, K_SEL, K_FOLD, cbk_ptr, sk, mk, True)),
+                            tl.trans(
+                                _sub(
+                                    wk,
+                                    7,
+                                    BITS,
+                                    K_KIND,
+                                    K_NLEV,
+                                    K_SEL,
+                                    K_FOLD,
+                                    cbk_ptr,
+                                    sk,
+                                    mk,
+                                    K_ADDM,
+                                    K_MAGIC,
+                                )
+                            ),
                         )
                 if K_KIND == 2:
                     s = s * tl.load(ks_ptr + rows, mask=tmask, other=0.0).to(tl.float32)[None, :]
@@ -422,13 +634,12 @@ def _split_sub_kernel(
                 alpha = tl.exp2(m_i - m_new)
                 p = tl.exp2(s - m_new[:, None])
                 l_i = l_i * alpha + tl.sum(p, 1)
-                wv = read_words(vc_ptr, rows, tmask, RBV, NWV, WBV)
+                wv = load_words(vc_ptr, rows, tmask, RBV, NWV, WBV)
                 if V_KIND == 0 and not V_FOLD:
-                    gv = rows[:, None] * V_NG + (wv_idx // (V_GROUP // PV))[None, :]
-                    sv = tl.load(vs_ptr + gv, mask=tmask[:, None], other=0.0).to(tl.float16)
+                    sv = _group_tile(vs_ptr, rows, tmask, V_NG, NWV, BT)
                     mv = (sv.to(tl.float32) * -V_ZERO).to(tl.float16)  # symmetric: (c - Z)·s
                     if V_MIN:
-                        mv = tl.load(vm_ptr + gv, mask=tmask[:, None], other=0.0).to(tl.float16)
+                        mv = _group_tile(vm_ptr, rows, tmask, V_NG, NWV, BT)
                 else:
                     sv = tl.zeros([BT, NWV], tl.float16)
                     mv = sv
@@ -438,35 +649,35 @@ def _split_sub_kernel(
                 pv = p.to(tl.float16)
                 if PV > 0:
                     a0 = a0 * alpha[:, None] + tl.dot(
-                        pv, _sub(wv, 0, BITS, V_KIND, V_NLEV, V_SEL, V_FOLD, cbv_ptr, sv, mv, True)
+                        pv, _sub(wv, 0, BITS, V_KIND, V_NLEV, V_SEL, V_FOLD, cbv_ptr, sv, mv, V_ADDM, V_MAGIC)
                     )
                 if PV > 1:
                     a1 = a1 * alpha[:, None] + tl.dot(
-                        pv, _sub(wv, 1, BITS, V_KIND, V_NLEV, V_SEL, V_FOLD, cbv_ptr, sv, mv, True)
+                        pv, _sub(wv, 1, BITS, V_KIND, V_NLEV, V_SEL, V_FOLD, cbv_ptr, sv, mv, V_ADDM, V_MAGIC)
                     )
                 if PV > 2:
                     a2 = a2 * alpha[:, None] + tl.dot(
-                        pv, _sub(wv, 2, BITS, V_KIND, V_NLEV, V_SEL, V_FOLD, cbv_ptr, sv, mv, True)
+                        pv, _sub(wv, 2, BITS, V_KIND, V_NLEV, V_SEL, V_FOLD, cbv_ptr, sv, mv, V_ADDM, V_MAGIC)
                     )
                 if PV > 3:
                     a3 = a3 * alpha[:, None] + tl.dot(
-                        pv, _sub(wv, 3, BITS, V_KIND, V_NLEV, V_SEL, V_FOLD, cbv_ptr, sv, mv, True)
+                        pv, _sub(wv, 3, BITS, V_KIND, V_NLEV, V_SEL, V_FOLD, cbv_ptr, sv, mv, V_ADDM, V_MAGIC)
                     )
                 if PV > 4:
                     a4 = a4 * alpha[:, None] + tl.dot(
-                        pv, _sub(wv, 4, BITS, V_KIND, V_NLEV, V_SEL, V_FOLD, cbv_ptr, sv, mv, True)
+                        pv, _sub(wv, 4, BITS, V_KIND, V_NLEV, V_SEL, V_FOLD, cbv_ptr, sv, mv, V_ADDM, V_MAGIC)
                     )
                 if PV > 5:
                     a5 = a5 * alpha[:, None] + tl.dot(
-                        pv, _sub(wv, 5, BITS, V_KIND, V_NLEV, V_SEL, V_FOLD, cbv_ptr, sv, mv, True)
+                        pv, _sub(wv, 5, BITS, V_KIND, V_NLEV, V_SEL, V_FOLD, cbv_ptr, sv, mv, V_ADDM, V_MAGIC)
                     )
                 if PV > 6:
                     a6 = a6 * alpha[:, None] + tl.dot(
-                        pv, _sub(wv, 6, BITS, V_KIND, V_NLEV, V_SEL, V_FOLD, cbv_ptr, sv, mv, True)
+                        pv, _sub(wv, 6, BITS, V_KIND, V_NLEV, V_SEL, V_FOLD, cbv_ptr, sv, mv, V_ADDM, V_MAGIC)
                     )
                 if PV > 7:
                     a7 = a7 * alpha[:, None] + tl.dot(
-                        pv, _sub(wv, 7, BITS, V_KIND, V_NLEV, V_SEL, V_FOLD, cbv_ptr, sv, mv, True)
+                        pv, _sub(wv, 7, BITS, V_KIND, V_NLEV, V_SEL, V_FOLD, cbv_ptr, sv, mv, V_ADDM, V_MAGIC)
                     )
                 m_i = m_new
             inv = 1.0 / l_i
