@@ -204,7 +204,7 @@ def test_decode_attention_cuda_llama_shape(name: str) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", ["int4", "int4-group32", "int8", "kivi2", "kivi4-group16", "tq-b4"])
+@pytest.mark.parametrize("name", ["int4", "int4-group32", "int8", "kivi2", "kivi4-group16", "tq-b2", "tq-b4"])
 @pytest.mark.parametrize("stages", [1, 2])
 def test_decode_attention_cuda_magic_unpack(name: str, stages: int) -> None:
     """The sub-stream kernel with codes turned into fp16 by PTX (``magic.py``: integer codes by

@@ -176,15 +176,16 @@ def magic_args(
     lay: CodeLayout, d: int, word: tuple[int, int, int], on: bool, codebook: torch.Tensor | None = None
 ) -> tuple[str, ...]:
     """The ``K_MAGIC``/``V_MAGIC`` constexpr of the sub-stream kernel: a PTX string per
-    sub-stream for integer codes in 1-, 2- or 4-byte words; for a 16-level scalar codebook
-    (TurboQuant b=4) the lookup asm and its constraints; else ``()``, the plain path.
+    sub-stream for integer codes in 1-, 2- or 4-byte words; for a 4- or 16-level scalar codebook
+    (TurboQuant b=2, b=4) the lookup asm and its constraints; else ``()``, the plain path.
 
     A symmetric layout whose scale is applied per element gets its zero point subtracted in the
     PTX (``code - zero`` is exact in fp16), so the kernel skips the separate ``- zero·scale``."""
     wby, per, _ = word
-    if on and lay.kind == "vq" and lay.vec == 1 and lay.bits == 4 and wby in PACK and codebook is not None:
+    lut_ok = (lay.bits == 4 and wby in PACK) or (lay.bits == 2 and wby in (1, 2))
+    if on and lay.kind == "vq" and lay.vec == 1 and lut_ok and codebook is not None:
         pattern = codebook.detach().to("cpu", torch.float16).contiguous().view(torch.int16).flatten()
-        asm, cons, _ = lut_asm(wby, 4, [int(x) & 0xFFFF for x in pattern.tolist()])
+        asm, cons, _ = lut_asm(wby, lay.bits, [int(x) & 0xFFFF for x in pattern.tolist()])
         return (asm, cons)
     if not on or lay.kind == "vq" or wby not in PACK or lay.bits not in (1, 2, 4, 8):
         return ()

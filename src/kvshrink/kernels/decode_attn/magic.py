@@ -102,12 +102,61 @@ def _words(values: list[int]) -> list[int]:
     return [int.from_bytes(bytes(values[i : i + 4]), "little") for i in range(0, len(values), 4)]
 
 
+def _lut4_asm(wb: int, codebook: list[int]) -> tuple[list[str], list[str]]:
+    """Declarations and body for 2-bit indices (4 codewords): one register of low bytes ``TL``,
+    one of high bytes ``TH``; a nibble ``n < 4`` selects from the first operand, so
+    ``prmt(TL, TH, x)`` and ``prmt(TH, TL, x)`` give the low and high bytes of 4 codewords. Even
+    and odd indices are spread into nibbles by one mask each (``x0``, ``x1``)."""
+    tl, th = _words([c & 0xFF for c in codebook])[0], _words([c >> 8 for c in codebook])[0]
+    decl = ["x0", "x1", "ua", "ub"] + [f"{p}{q}{h}" for p in "lh" for q in "01" for h in "ab"]
+    body = [
+        "and.b32 x0, $IN, 0x33333333;",
+        "shr.b32 x1, $IN, 2;",
+        "and.b32 x1, x1, 0x33333333;",
+    ]
+    for q in "01":
+        for h in "ab":
+            if h == "b":
+                body.append(f"shr.b32 x{q}, x{q}, 16;")
+            body += [
+                f"prmt.b32 l{q}{h}, {tl:#010x}, {th:#010x}, x{q};",
+                f"prmt.b32 h{q}{h}, {th:#010x}, {tl:#010x}, x{q};",
+            ]
+    out = 0
+    if wb == 1:  # bytes e0..e3; x_q holds index 2j + q of byte e at nibble 2e + j
+        for r in range(4):
+            q, j = r % 2, r // 2
+            sel = j | (4 + j) << 4 | (2 + j) << 8 | (6 + j) << 12
+            for h in "ab":  # (e0, e1) then (e2, e3)
+                body.append(f"prmt.b32 ${out}, l{q}{h}, h{q}{h}, {sel:#06x};")
+                out += 1
+    else:  # words a (low half), b (high half); x_q holds index 2k + q of a at nibble k
+        for q in (0, 1):
+            for k in (0, 2):
+                sel = k | (4 + k) << 4 | (k + 1) << 8 | (5 + k) << 12
+                body += [
+                    f"prmt.b32 ua, l{q}a, h{q}a, {sel:#06x};",
+                    f"prmt.b32 ub, l{q}b, h{q}b, {sel:#06x};",
+                    f"prmt.b32 ${2 * k + q}, ua, ub, 0x5410;",
+                    f"prmt.b32 ${2 * k + 2 + q}, ua, ub, 0x7632;",
+                ]
+    return decl, body
+
+
 def lut_asm(wb: int, bits: int, codebook: list[int]) -> tuple[str, str, int]:
     """(asm, constraints, outputs) giving every sub-stream of ``pack`` words at once as fp16
     codewords: output ``r`` (``pack/2`` registers each) holds index ``r`` of each word.
 
-    ``codebook``: the ``2**bits`` fp16 bit patterns. 4-bit indices in 1-, 2- or 4-byte words."""
+    ``codebook``: the ``2**bits`` fp16 bit patterns. 4-bit indices in 1-, 2- or 4-byte words,
+    2-bit indices in 1- or 2-byte words (at most 8 indices per word)."""
     n = 1 << bits
+    if bits == 2 and wb in (1, 2) and len(codebook) == n:
+        pack = PACK[wb]
+        n_out = wb * 4 * pack // 2
+        decl, body = _lut4_asm(wb, codebook)
+        body = [b.replace("$IN", f"${n_out}") for b in body]
+        asm = "\n".join(["{", f".reg .b32 {', '.join(decl)};", *body, "}"])
+        return asm, ",".join(["=r"] * n_out + ["r"]), n_out
     if bits != 4 or wb not in PACK or len(codebook) != n:
         raise ValueError(
             f"no codebook lookup for {wb}-byte words of {bits}-bit indices ({len(codebook)} codewords)"
