@@ -138,6 +138,11 @@ def main() -> None:
     ap.add_argument("--dump", help="folder for the SASS of each kernel")
     ap.add_argument("--window", action="store_true", help="launch with a recent fp16 window")
     ap.add_argument("--json", action="store_true", help="print one JSON list instead of text")
+    ap.add_argument(
+        "--encode",
+        action="store_true",
+        help="the fused encode kernel instead (config keys: mma); its hot loop is the codeword search",
+    )
     args = ap.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)
     seen = _capture(args.cap)
@@ -153,17 +158,29 @@ def main() -> None:
             w = torch.randn(1, 2, 16, 128).half()
             win = Window(w, w, torch.tensor([16]))
         seen.clear()
-        decode_attention_triton(q, pk, pv, torch.tensor([256]), win, codec, None, cfg)
+        if args.encode:
+            from kvshrink.kernels.encode import encode_vq
+
+            encode_vq(
+                torch.randn(1, 2, 64, 128),
+                codec,
+                "key",
+                backend="triton",
+                mma=cfg.get("mma"),
+            )
+        else:
+            decode_attention_triton(q, pk, pv, torch.tensor([256]), win, codec, None, cfg)
         for name, k, bound in seen:
-            if not name.startswith("_split"):
+            if not name.startswith("_split" if not args.encode else "_encode"):
                 continue
             sass, regs, stack = sass_of(k)
             loop = hot_loop(sass)
-            bt = int(bound["BT"])
+            bt = int(bound["BT"] if "BT" in bound else bound["BM"])
             nwarps = k.metadata.num_warps
             mix = collections.Counter(op.split(".")[0] for op in loop)
             top = ", ".join(f"{op} {n}" for op, n in mix.most_common(12))
             per_token = len(loop) * nwarps / bt
+            unit = "vector and loop trip" if args.encode else "token"
             rows.append(
                 {
                     "method": method,
@@ -181,7 +198,7 @@ def main() -> None:
             if not args.json:
                 print(
                     f"{method:24s} {name:18s} regs {regs:3d} stack {stack:3d} sass {rows[-1]['sass']:5d} "
-                    f"loop {len(loop):5d} (x{nwarps} warps = {per_token:.1f} warp-instr/token at BT={bt})"
+                    f"loop {len(loop):5d} (x{nwarps} warps = {per_token:.1f} warp-instr per {unit} at {bt} per block)"
                 )
                 print(f"    {top}")
             if args.dump:
