@@ -112,7 +112,7 @@ def test_unpack_asm_rejects_layouts_it_cannot_do() -> None:
 def test_kernel_constraints_match_the_generator() -> None:
     """The sub-stream kernel spells constraints and pack per word width; they must be these."""
     src = (ROOT / "src/kvshrink/kernels/decode_attn/kernel_sub.py").read_text()
-    spelled = re.findall(r'MAGIC\[r\], "([^"]+)", \[words\], dtype=tl.float16, is_pure=True, pack=(\d)', src)
+    spelled = re.findall(r'MAGIC\[r\], "([^"]+)", \[words\], dtype=tl.float16, is_pure=\w+, pack=(\d)', src)
     want = [(unpack_asm(wb, 4, 0)[1], str(PACK[wb])) for wb in (1, 2, 4)]  # bitwidth 8, 16, else
     assert spelled == want
 

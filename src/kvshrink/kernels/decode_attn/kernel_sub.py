@@ -42,11 +42,15 @@ def _sub(
 
     ``MAGIC`` (CUDA only: one PTX string per sub-stream, ``magic.py``, whose constraints and pack
     per word width are the ones spelled here): integer codes become fp16 two per three
-    instructions instead of a shift, mask and convert each."""
+    instructions instead of a shift, mask and convert each. For byte words the asm is marked
+    impure: Triton then cannot move the layout conversion to the tensor-core operand before it,
+    onto the bytes (one ``LDS.U8`` per code), and moves the fp16 result instead (vector stores
+    and ``ldmatrix``): 37 -> 30 warp-instructions per token for int4 in the SASS. A
+    16-level codebook (``KIND == 2``) arrives as the tuple of ``_lut``."""
     if KIND != 2 and len(MAGIC) > 0:
         if words.dtype.primitive_bitwidth == 8:
             y = tl.inline_asm_elementwise(
-                MAGIC[r], "=r,=r,r", [words], dtype=tl.float16, is_pure=True, pack=4
+                MAGIC[r], "=r,=r,r", [words], dtype=tl.float16, is_pure=False, pack=4
             )
         elif words.dtype.primitive_bitwidth == 16:
             y = tl.inline_asm_elementwise(MAGIC[r], "=r,r", [words], dtype=tl.float16, is_pure=True, pack=2)
@@ -56,21 +60,21 @@ def _sub(
             y = y * s_bc
             if HAS_MIN:
                 y = y + m_bc
-        return y
-    if KIND == 2 and len(MAGIC) > 0:
-        return _lut(words, MAGIC, words.dtype.primitive_bitwidth // BITS)[r]
-    idx = (words.to(tl.int32) >> (r * BITS)) & ((1 << BITS) - 1)
-    if KIND == 2:
-        if SEL:
-            y = select_levels(idx, cb_ptr, NLEV)
+    elif KIND == 2 and len(MAGIC) > 0:
+        y = words[r]  # the caller's _lut tuple
+    else:
+        idx = (words.to(tl.int32) >> (r * BITS)) & ((1 << BITS) - 1)
+        if KIND == 2:
+            if SEL:
+                y = select_levels(idx, cb_ptr, NLEV).to(tl.float16)
+            else:
+                y = tl.load(cb_ptr + idx).to(tl.float16)
         else:
-            y = tl.load(cb_ptr + idx)
-        return y.to(tl.float16)
-    y = idx.to(tl.float16)  # exact: codes < 256
-    if not FOLD:
-        y = y * s_bc
-        if HAS_MIN:
-            y = y + m_bc
+            y = idx.to(tl.float16)  # exact: codes < 256
+            if not FOLD:
+                y = y * s_bc
+                if HAS_MIN:
+                    y = y + m_bc
     return y
 
 
@@ -85,14 +89,19 @@ def _group_tile(ptr, rows, tmask, NG: tl.constexpr, NW: tl.constexpr, BT: tl.con
 
 
 @triton.jit
-def _lut(words, MAGIC: tl.constexpr, P: tl.constexpr):
-    """All ``P`` sub-streams of a word tile as fp16 codewords, by the byte-permute table lookup of
-    ``magic.lut_asm`` (one asm for every sub-stream; the calls per sub-stream are one pure op
-    with the same operands, which the compiler merges)."""
+def _lut(words, MAGIC: tl.constexpr, BITS: tl.constexpr):
+    """All sub-streams of a word tile as a tuple of fp16 codeword tiles, by the byte-permute table
+    lookup of ``magic.lut_asm``; ``_sub`` then picks one.
+
+    Byte words (values) go through an asm marked impure, as in ``_sub``: that keeps the lookup in
+    the layout the bytes were loaded in, so the fp16 result (not the bytes, one ``LDS.U8`` each)
+    is what moves to the tensor-core operand."""
+    P: tl.constexpr = words.dtype.primitive_bitwidth // BITS
     PACK: tl.constexpr = 4 if words.dtype.primitive_bitwidth == 8 else 2
+    PURE: tl.constexpr = words.dtype.primitive_bitwidth != 8
     if P == 2:
         ys = tl.inline_asm_elementwise(
-            MAGIC[0], MAGIC[1], [words], dtype=(tl.float16, tl.float16), is_pure=True, pack=PACK
+            MAGIC[0], MAGIC[1], [words], dtype=(tl.float16, tl.float16), is_pure=PURE, pack=PACK
         )
     elif P == 4:
         ys = tl.inline_asm_elementwise(
@@ -100,7 +109,7 @@ def _lut(words, MAGIC: tl.constexpr, P: tl.constexpr):
             MAGIC[1],
             [words],
             dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
-            is_pure=True,
+            is_pure=PURE,
             pack=PACK,
         )
     else:
@@ -118,7 +127,7 @@ def _lut(words, MAGIC: tl.constexpr, P: tl.constexpr):
                 tl.float16,
                 tl.float16,
             ),
-            is_pure=True,
+            is_pure=PURE,
             pack=PACK,
         )
     return ys
@@ -364,6 +373,8 @@ def _split_sub_kernel(
                 tmask = offs < end
                 rows = bh.to(tl.int64) * T + offs
                 wk = load_words(kc_ptr, rows, tmask, RBK, NWK, WBK)
+                if K_KIND == 2 and len(K_MAGIC) > 0:
+                    wk = _lut(wk, K_MAGIC, BITS)
                 if K_KIND == 0 and not K_FOLD:
                     sk = _group_tile(ks_ptr, rows, tmask, K_NG, NWK, BT)
                     mk = (sk.to(tl.float32) * -K_ZERO).to(tl.float16)  # symmetric: (c - Z)·s
@@ -635,6 +646,8 @@ def _split_sub_kernel(
                 p = tl.exp2(s - m_new[:, None])
                 l_i = l_i * alpha + tl.sum(p, 1)
                 wv = load_words(vc_ptr, rows, tmask, RBV, NWV, WBV)
+                if V_KIND == 2 and len(V_MAGIC) > 0:
+                    wv = _lut(wv, V_MAGIC, BITS)
                 if V_KIND == 0 and not V_FOLD:
                     sv = _group_tile(vs_ptr, rows, tmask, V_NG, NWV, BT)
                     mv = (sv.to(tl.float32) * -V_ZERO).to(tl.float16)  # symmetric: (c - Z)·s
