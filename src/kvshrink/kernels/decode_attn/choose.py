@@ -166,26 +166,27 @@ def sub_args(lay: CodeLayout, d: int, select: bool) -> tuple:
 def magic_measured_faster(lk: CodeLayout) -> bool:
     """Where the PTX unpack of ``magic.py`` measured faster than the plain path on a GPU.
 
-    Not yet timed (no device in the session that wrote it): off everywhere until it is; the
-    SASS counts (``benchmarks/kernel_sass.py``) say int4 38 vs 50 and TurboQuant b=4 52 vs 78
-    warp-instructions per token."""
-    return False
+    H100, B=8, L=32k (``docs/results/decode-attention-sweep-h100.json``): int4 (scale per 32
+    channels) 251 -> 187 us, 2.0x fp16 SDPA (376 us). Other layouts are not timed yet (the
+    TurboQuant lookups were right in that run's checks but the timing failed on a host copy
+    during graph capture, fixed since), so they keep the plain path."""
+    return lk.kind == "token" and lk.bits == 4 and not lk.has_min
 
 
 def magic_args(
-    lay: CodeLayout, d: int, word: tuple[int, int, int], on: bool, codebook: torch.Tensor | None = None
+    lay: CodeLayout, d: int, word: tuple[int, int, int], on: bool, codebook: tuple[int, ...] | None = None
 ) -> tuple[str, ...]:
     """The ``K_MAGIC``/``V_MAGIC`` constexpr of the sub-stream kernel: a PTX string per
     sub-stream for integer codes in 1-, 2- or 4-byte words; for a 4- or 16-level scalar codebook
-    (TurboQuant b=2, b=4) the lookup asm and its constraints; else ``()``, the plain path.
+    (TurboQuant b=2, b=4; ``codebook``: its fp16 bit patterns) the lookup asm and its
+    constraints; else ``()``, the plain path.
 
     A symmetric layout whose scale is applied per element gets its zero point subtracted in the
     PTX (``code - zero`` is exact in fp16), so the kernel skips the separate ``- zero·scale``."""
     wby, per, _ = word
     lut_ok = (lay.bits == 4 and wby in PACK) or (lay.bits == 2 and wby in (1, 2))
     if on and lay.kind == "vq" and lay.vec == 1 and lut_ok and codebook is not None:
-        pattern = codebook.detach().to("cpu", torch.float16).contiguous().view(torch.int16).flatten()
-        asm, cons, _ = lut_asm(wby, lay.bits, [int(x) & 0xFFFF for x in pattern.tolist()])
+        asm, cons, _ = lut_asm(wby, lay.bits, list(codebook))
         return (asm, cons)
     if not on or lay.kind == "vq" or wby not in PACK or lay.bits not in (1, 2, 4, 8):
         return ()

@@ -345,16 +345,22 @@ _STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _vq_tensors(codec: Codec, d: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Rotation (fp16 for q, fp32 for the output) and fp16 codebooks, cached per codec and device."""
+    """Rotation (fp16 for q, fp32 for the output), fp16 codebooks and their bit patterns, cached
+    per codec and device."""
     per = _STATE.setdefault(codec, {})
     key = (d, str(device))
     if key not in per:
         rot = rotation_matrix(codec, d).to(device)
+        books = {role: codec.codebook(d, role).half().contiguous() for role in ("key", "value")}  # type: ignore[attr-defined]
         per[key] = {
             "rot16": rot.half().contiguous(),
             "rot32": rot.contiguous(),
-            "key": codec.codebook(d, "key").to(device).half().contiguous(),  # type: ignore[attr-defined]
-            "value": codec.codebook(d, "value").to(device).half().contiguous(),  # type: ignore[attr-defined]
+            **{role: book.to(device) for role, book in books.items()},
+            # fp16 bit patterns for the PTX lookups, read on the host once (not during a capture)
+            **{
+                f"{role}_bits": tuple(int(x) & 0xFFFF for x in book.view(torch.int16).flatten().tolist())
+                for role, book in books.items()
+            },
         }
     return per[key]
 
@@ -443,8 +449,8 @@ def decode_attention_triton(
             *word_args(lv, d, vw),
             *sub_args(lk, d, cfg["select"]),
             *sub_args(lv, d, cfg["select"]),
-            magic_args(lk, d, kw, magic, cbk if lk.kind == "vq" else None),
-            magic_args(lv, d, vw, magic, cbv if lv.kind == "vq" else None),
+            magic_args(lk, d, kw, magic, vq["key_bits"] if vq else None),
+            magic_args(lv, d, vw, magic, vq["value_bits"] if vq else None),
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
