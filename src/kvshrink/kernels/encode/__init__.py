@@ -43,7 +43,7 @@ def encode_vq(
     layout = layout_of(codec, role, d)
     if layout.kind != "vq":
         raise InputError(f"encode_vq: {codec.spec} is not a rotation + codebook codec")
-    rot, cb, padded = _shared(codec, d, role, x.device)
+    rot, cb, padded, cn2 = _shared(codec, d, role, x.device)
     use_triton = backend == "triton" or (backend == "auto" and x.is_cuda and _has_triton())
     if not use_triton or layout.unsupported(d):
         return encode_vq_ref(x, rot, cb, out, start)
@@ -57,7 +57,7 @@ def encode_vq(
         )
     if start is None:
         start = torch.zeros(b, dtype=torch.int32, device=x.device)
-    encode_vq_triton(x, rot, cb, layout, out[0], out[1], start, mma=mma, padded=padded)
+    encode_vq_triton(x, rot, cb, layout, out[0], out[1], start, mma=mma, padded=padded, cn2=cn2)
     return out
 
 
@@ -66,16 +66,22 @@ _SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _shared(
     codec: Codec, d: int, role: Role, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Rotation, codebook and padded codebook (the tensor-core search's) on ``device``, cached:
-    no host copies on the hot path (CUDA graphs)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rotation, codebook, padded codebook (the tensor-core search's) and the codewords' squared
+    norms on ``device``, cached: no host copies and no extra kernels on the hot path (a decode
+    step encodes one token; CUDA graphs)."""
     from .pad import pad_codebook
 
     per = _SHARED.setdefault(codec, {})
     key = (d, role, str(device))
     if key not in per:
         cb = codec.codebook(d, role).float().to(device).contiguous()  # type: ignore[attr-defined]
-        per[key] = (rotation_matrix(codec, d).to(device).contiguous(), cb, pad_codebook(cb))
+        per[key] = (
+            rotation_matrix(codec, d).to(device).contiguous(),
+            cb,
+            pad_codebook(cb),
+            (cb * cb).sum(-1),
+        )
     return per[key]
 
 

@@ -164,15 +164,17 @@ def encode_vq_triton(
     mma: bool | None = None,
     padded: torch.Tensor | None = None,
     bn: int = 64,
+    cn2: torch.Tensor | None = None,
 ) -> None:
     """Encode ``x`` [B, Hkv, T, d] into ``codes_out``/``norm_out`` [B, Hkv, TCAP, ...] at ``start[b]+t``.
 
     ``mma``: the tensor-core search (None: wherever :func:`mma_ok`); ``padded``: its
-    :func:`pad_codebook`, built here when not given (callers cache it)."""
+    :func:`pad_codebook`, and ``cn2``, the codewords' squared norms: built here when not given
+    (callers cache them)."""
     b, hkv, t, d = x.shape
     m = b * hkv * t
     cb = codebook.float().contiguous()
-    cn2 = (cb * cb).sum(-1)  # [N] ‖c‖², tiny
+    cn2 = (cb * cb).sum(-1) if cn2 is None else cn2  # [N] ‖c‖² (callers cache it)
     use_mma = mma_ok(layout, d) if mma is None else mma
     block = block or 32  # for the tensor-core search: the fastest of an H100 sweep at k=8 (BN=64, 8 warps)
     cp = cb  # unused by the loop
