@@ -291,77 +291,19 @@ def _split_sub_kernel(
         if start < L:
             end = tl.minimum(start + SPLIT, L)
             ROT: tl.constexpr = K_KIND == 2
-            q0 = (
-                _qsub(q_ptr, rot_ptr, qrow, gmask, 0, ROT, D, PK, NWK)
-                if PK > 0
-                else tl.zeros([BG, NWK], tl.float32)
-            )
-            h0 = q0.to(tl.float16)
-            a0 = tl.zeros([BG, NWV], tl.float32)
-            q1 = (
-                _qsub(q_ptr, rot_ptr, qrow, gmask, 1, ROT, D, PK, NWK)
-                if PK > 1
-                else tl.zeros([BG, NWK], tl.float32)
-            )
-            h1 = q1.to(tl.float16)
-            a1 = tl.zeros([BG, NWV], tl.float32)
-            q2 = (
-                _qsub(q_ptr, rot_ptr, qrow, gmask, 2, ROT, D, PK, NWK)
-                if PK > 2
-                else tl.zeros([BG, NWK], tl.float32)
-            )
-            h2 = q2.to(tl.float16)
-            a2 = tl.zeros([BG, NWV], tl.float32)
-            q3 = (
-                _qsub(q_ptr, rot_ptr, qrow, gmask, 3, ROT, D, PK, NWK)
-                if PK > 3
-                else tl.zeros([BG, NWK], tl.float32)
-            )
-            h3 = q3.to(tl.float16)
-            a3 = tl.zeros([BG, NWV], tl.float32)
-            q4 = (
-                _qsub(q_ptr, rot_ptr, qrow, gmask, 4, ROT, D, PK, NWK)
-                if PK > 4
-                else tl.zeros([BG, NWK], tl.float32)
-            )
-            h4 = q4.to(tl.float16)
-            a4 = tl.zeros([BG, NWV], tl.float32)
-            q5 = (
-                _qsub(q_ptr, rot_ptr, qrow, gmask, 5, ROT, D, PK, NWK)
-                if PK > 5
-                else tl.zeros([BG, NWK], tl.float32)
-            )
-            h5 = q5.to(tl.float16)
-            a5 = tl.zeros([BG, NWV], tl.float32)
-            q6 = (
-                _qsub(q_ptr, rot_ptr, qrow, gmask, 6, ROT, D, PK, NWK)
-                if PK > 6
-                else tl.zeros([BG, NWK], tl.float32)
-            )
-            h6 = q6.to(tl.float16)
-            a6 = tl.zeros([BG, NWV], tl.float32)
-            q7 = (
-                _qsub(q_ptr, rot_ptr, qrow, gmask, 7, ROT, D, PK, NWK)
-                if PK > 7
-                else tl.zeros([BG, NWK], tl.float32)
-            )
-            h7 = q7.to(tl.float16)
-            a7 = tl.zeros([BG, NWV], tl.float32)
-            qsum = tl.sum(h0.to(tl.float32), 1)
-            if PK > 1:
-                qsum += tl.sum(h1.to(tl.float32), 1)
-            if PK > 2:
-                qsum += tl.sum(h2.to(tl.float32), 1)
-            if PK > 3:
-                qsum += tl.sum(h3.to(tl.float32), 1)
-            if PK > 4:
-                qsum += tl.sum(h4.to(tl.float32), 1)
-            if PK > 5:
-                qsum += tl.sum(h5.to(tl.float32), 1)
-            if PK > 6:
-                qsum += tl.sum(h6.to(tl.float32), 1)
-            if PK > 7:
-                qsum += tl.sum(h7.to(tl.float32), 1)
+            # one tile per sub-stream: queries (fp32 for KIVI's scale folding, fp16 for the dots),
+            # value accumulators; tuples unrolled at compile time (Triton builds them by
+            # concatenation: it has no starred unpacking)
+            qs = ()
+            hs = ()
+            qsum = tl.zeros([BG], tl.float32)
+            for r in tl.static_range(PK):
+                qs = qs + (_qsub(q_ptr, rot_ptr, qrow, gmask, r, ROT, D, PK, NWK),)  # noqa: RUF005
+                hs = hs + (qs[r].to(tl.float16),)  # noqa: RUF005
+                qsum += tl.sum(hs[r].to(tl.float32), 1)
+            accs = ()
+            for _r in tl.static_range(PV):
+                accs = accs + (tl.zeros([BG, NWV], tl.float32),)  # noqa: RUF005
             m_i = tl.full([BG], float("-inf"), tl.float32)
             l_i = tl.zeros([BG], tl.float32)
             lz = tl.zeros([BG], tl.float32)  # Σ p·scale (folded value zero-point)
@@ -386,254 +328,23 @@ def _split_sub_kernel(
                 if K_KIND == 1:  # one KIVI key group per block (BT <= GROUP)
                     srow = bh.to(tl.int64) * TGK + t0 // K_GROUP
                     gok = (t0 // K_GROUP) * K_GROUP < L
-                    if PK > 0:
-                        k0, c0 = _kscale(q0, ks_ptr, km_ptr, srow, gok, 0, D, PK, NWK)
-                    if PK > 1:
-                        k1, c1 = _kscale(q1, ks_ptr, km_ptr, srow, gok, 1, D, PK, NWK)
-                    if PK > 2:
-                        k2, c2 = _kscale(q2, ks_ptr, km_ptr, srow, gok, 2, D, PK, NWK)
-                    if PK > 3:
-                        k3, c3 = _kscale(q3, ks_ptr, km_ptr, srow, gok, 3, D, PK, NWK)
-                    if PK > 4:
-                        k4, c4 = _kscale(q4, ks_ptr, km_ptr, srow, gok, 4, D, PK, NWK)
-                    if PK > 5:
-                        k5, c5 = _kscale(q5, ks_ptr, km_ptr, srow, gok, 5, D, PK, NWK)
-                    if PK > 6:
-                        k6, c6 = _kscale(q6, ks_ptr, km_ptr, srow, gok, 6, D, PK, NWK)
-                    if PK > 7:
-                        k7, c7 = _kscale(q7, ks_ptr, km_ptr, srow, gok, 7, D, PK, NWK)
-                    bias = c0
-                    if PK > 1:
-                        bias += c1
-                    if PK > 2:
-                        bias += c2
-                    if PK > 3:
-                        bias += c3
-                    if PK > 4:
-                        bias += c4
-                    if PK > 5:
-                        bias += c5
-                    if PK > 6:
-                        bias += c6
-                    if PK > 7:
-                        bias += c7
-                    s = tl.dot(
-                        k0,
-                        tl.trans(
-                            _sub(wk, 0, BITS, K_KIND, K_NLEV, K_SEL, True, cbk_ptr, sk, mk, K_MIN, K_MAGIC)
-                        ),
-                    )
-                    if PK > 1:
-                        s += tl.dot(
-                            k1,
-                            tl.trans(
-                                _sub(
-                                    wk, 1, BITS, K_KIND, K_NLEV, K_SEL, True, cbk_ptr, sk, mk, K_MIN, K_MAGIC
-                                )
-                            ),
-                        )
-                    if PK > 2:
-                        s += tl.dot(
-                            k2,
-                            tl.trans(
-                                _sub(
-                                    wk, 2, BITS, K_KIND, K_NLEV, K_SEL, True, cbk_ptr, sk, mk, K_MIN, K_MAGIC
-                                )
-                            ),
-                        )
-                    if PK > 3:
-                        s += tl.dot(
-                            k3,
-                            tl.trans(
-                                _sub(
-                                    wk, 3, BITS, K_KIND, K_NLEV, K_SEL, True, cbk_ptr, sk, mk, K_MIN, K_MAGIC
-                                )
-                            ),
-                        )
-                    if PK > 4:
-                        s += tl.dot(
-                            k4,
-                            tl.trans(
-                                _sub(
-                                    wk, 4, BITS, K_KIND, K_NLEV, K_SEL, True, cbk_ptr, sk, mk, K_MIN, K_MAGIC
-                                )
-                            ),
-                        )
-                    if PK > 5:
-                        s += tl.dot(
-                            k5,
-                            tl.trans(
-                                _sub(
-                                    wk, 5, BITS, K_KIND, K_NLEV, K_SEL, True, cbk_ptr, sk, mk, K_MIN, K_MAGIC
-                                )
-                            ),
-                        )
-                    if PK > 6:
-                        s += tl.dot(
-                            k6,
-                            tl.trans(
-                                _sub(
-                                    wk, 6, BITS, K_KIND, K_NLEV, K_SEL, True, cbk_ptr, sk, mk, K_MIN, K_MAGIC
-                                )
-                            ),
-                        )
-                    if PK > 7:
-                        s += tl.dot(
-                            k7,
-                            tl.trans(
-                                _sub(
-                                    wk, 7, BITS, K_KIND, K_NLEV, K_SEL, True, cbk_ptr, sk, mk, K_MIN, K_MAGIC
-                                )
-                            ),
-                        )
+                    bias = tl.zeros([BG], tl.float32)
+                    for r in tl.static_range(PK):
+                        kr, cr = _kscale(qs[r], ks_ptr, km_ptr, srow, gok, r, D, PK, NWK)
+                        bias += cr
+                        y = _sub(wk, r, BITS, K_KIND, K_NLEV, K_SEL, True, cbk_ptr, sk, mk, K_MIN, K_MAGIC)
+                        if r == 0:
+                            s = tl.dot(kr, tl.trans(y))
+                        else:
+                            s += tl.dot(kr, tl.trans(y))
                     s = s + bias[:, None]
                 else:
-                    s = tl.dot(
-                        h0,
-                        tl.trans(
-                            _sub(wk, 0, BITS, K_KIND, K_NLEV, K_SEL, K_FOLD, cbk_ptr, sk, mk, K_ADDM, K_MAGIC)
-                        ),
-                    )
-                    if PK > 1:
-                        s += tl.dot(
-                            h1,
-                            tl.trans(
-                                _sub(
-                                    wk,
-                                    1,
-                                    BITS,
-                                    K_KIND,
-                                    K_NLEV,
-                                    K_SEL,
-                                    K_FOLD,
-                                    cbk_ptr,
-                                    sk,
-                                    mk,
-                                    K_ADDM,
-                                    K_MAGIC,
-                                )
-                            ),
-                        )
-                    if PK > 2:
-                        s += tl.dot(
-                            h2,
-                            tl.trans(
-                                _sub(
-                                    wk,
-                                    2,
-                                    BITS,
-                                    K_KIND,
-                                    K_NLEV,
-                                    K_SEL,
-                                    K_FOLD,
-                                    cbk_ptr,
-                                    sk,
-                                    mk,
-                                    K_ADDM,
-                                    K_MAGIC,
-                                )
-                            ),
-                        )
-                    if PK > 3:
-                        s += tl.dot(
-                            h3,
-                            tl.trans(
-                                _sub(
-                                    wk,
-                                    3,
-                                    BITS,
-                                    K_KIND,
-                                    K_NLEV,
-                                    K_SEL,
-                                    K_FOLD,
-                                    cbk_ptr,
-                                    sk,
-                                    mk,
-                                    K_ADDM,
-                                    K_MAGIC,
-                                )
-                            ),
-                        )
-                    if PK > 4:
-                        s += tl.dot(
-                            h4,
-                            tl.trans(
-                                _sub(
-                                    wk,
-                                    4,
-                                    BITS,
-                                    K_KIND,
-                                    K_NLEV,
-                                    K_SEL,
-                                    K_FOLD,
-                                    cbk_ptr,
-                                    sk,
-                                    mk,
-                                    K_ADDM,
-                                    K_MAGIC,
-                                )
-                            ),
-                        )
-                    if PK > 5:
-                        s += tl.dot(
-                            h5,
-                            tl.trans(
-                                _sub(
-                                    wk,
-                                    5,
-                                    BITS,
-                                    K_KIND,
-                                    K_NLEV,
-                                    K_SEL,
-                                    K_FOLD,
-                                    cbk_ptr,
-                                    sk,
-                                    mk,
-                                    K_ADDM,
-                                    K_MAGIC,
-                                )
-                            ),
-                        )
-                    if PK > 6:
-                        s += tl.dot(
-                            h6,
-                            tl.trans(
-                                _sub(
-                                    wk,
-                                    6,
-                                    BITS,
-                                    K_KIND,
-                                    K_NLEV,
-                                    K_SEL,
-                                    K_FOLD,
-                                    cbk_ptr,
-                                    sk,
-                                    mk,
-                                    K_ADDM,
-                                    K_MAGIC,
-                                )
-                            ),
-                        )
-                    if PK > 7:
-                        s += tl.dot(
-                            h7,
-                            tl.trans(
-                                _sub(
-                                    wk,
-                                    7,
-                                    BITS,
-                                    K_KIND,
-                                    K_NLEV,
-                                    K_SEL,
-                                    K_FOLD,
-                                    cbk_ptr,
-                                    sk,
-                                    mk,
-                                    K_ADDM,
-                                    K_MAGIC,
-                                )
-                            ),
-                        )
+                    for r in tl.static_range(PK):
+                        y = _sub(wk, r, BITS, K_KIND, K_NLEV, K_SEL, K_FOLD, cbk_ptr, sk, mk, K_ADDM, K_MAGIC)
+                        if r == 0:
+                            s = tl.dot(hs[r], tl.trans(y))
+                        else:
+                            s += tl.dot(hs[r], tl.trans(y))
                 if K_KIND == 2:
                     s = s * tl.load(ks_ptr + rows, mask=tmask, other=0.0).to(tl.float32)[None, :]
                 if K_FOLD:
@@ -660,57 +371,16 @@ def _split_sub_kernel(
                     p = p * tl.load(vs_ptr + rows, mask=tmask, other=0.0).to(tl.float32)[None, :]
                     lz = lz * alpha + tl.sum(p, 1)
                 pv = p.to(tl.float16)
-                if PV > 0:
-                    a0 = a0 * alpha[:, None] + tl.dot(
-                        pv, _sub(wv, 0, BITS, V_KIND, V_NLEV, V_SEL, V_FOLD, cbv_ptr, sv, mv, V_ADDM, V_MAGIC)
-                    )
-                if PV > 1:
-                    a1 = a1 * alpha[:, None] + tl.dot(
-                        pv, _sub(wv, 1, BITS, V_KIND, V_NLEV, V_SEL, V_FOLD, cbv_ptr, sv, mv, V_ADDM, V_MAGIC)
-                    )
-                if PV > 2:
-                    a2 = a2 * alpha[:, None] + tl.dot(
-                        pv, _sub(wv, 2, BITS, V_KIND, V_NLEV, V_SEL, V_FOLD, cbv_ptr, sv, mv, V_ADDM, V_MAGIC)
-                    )
-                if PV > 3:
-                    a3 = a3 * alpha[:, None] + tl.dot(
-                        pv, _sub(wv, 3, BITS, V_KIND, V_NLEV, V_SEL, V_FOLD, cbv_ptr, sv, mv, V_ADDM, V_MAGIC)
-                    )
-                if PV > 4:
-                    a4 = a4 * alpha[:, None] + tl.dot(
-                        pv, _sub(wv, 4, BITS, V_KIND, V_NLEV, V_SEL, V_FOLD, cbv_ptr, sv, mv, V_ADDM, V_MAGIC)
-                    )
-                if PV > 5:
-                    a5 = a5 * alpha[:, None] + tl.dot(
-                        pv, _sub(wv, 5, BITS, V_KIND, V_NLEV, V_SEL, V_FOLD, cbv_ptr, sv, mv, V_ADDM, V_MAGIC)
-                    )
-                if PV > 6:
-                    a6 = a6 * alpha[:, None] + tl.dot(
-                        pv, _sub(wv, 6, BITS, V_KIND, V_NLEV, V_SEL, V_FOLD, cbv_ptr, sv, mv, V_ADDM, V_MAGIC)
-                    )
-                if PV > 7:
-                    a7 = a7 * alpha[:, None] + tl.dot(
-                        pv, _sub(wv, 7, BITS, V_KIND, V_NLEV, V_SEL, V_FOLD, cbv_ptr, sv, mv, V_ADDM, V_MAGIC)
-                    )
+                new = ()
+                for r in tl.static_range(PV):
+                    y = _sub(wv, r, BITS, V_KIND, V_NLEV, V_SEL, V_FOLD, cbv_ptr, sv, mv, V_ADDM, V_MAGIC)
+                    new = new + (accs[r] * alpha[:, None] + tl.dot(pv, y),)  # noqa: RUF005
+                accs = new
                 m_i = m_new
             inv = 1.0 / l_i
             zc = V_ZERO * lz if V_FOLD else tl.zeros([BG], tl.float32)
-            if PV > 0:
-                _store_sub(o_ptr, part, gmask, (a0 - zc[:, None]) * inv[:, None], 0, D, PV, NWV)
-            if PV > 1:
-                _store_sub(o_ptr, part, gmask, (a1 - zc[:, None]) * inv[:, None], 1, D, PV, NWV)
-            if PV > 2:
-                _store_sub(o_ptr, part, gmask, (a2 - zc[:, None]) * inv[:, None], 2, D, PV, NWV)
-            if PV > 3:
-                _store_sub(o_ptr, part, gmask, (a3 - zc[:, None]) * inv[:, None], 3, D, PV, NWV)
-            if PV > 4:
-                _store_sub(o_ptr, part, gmask, (a4 - zc[:, None]) * inv[:, None], 4, D, PV, NWV)
-            if PV > 5:
-                _store_sub(o_ptr, part, gmask, (a5 - zc[:, None]) * inv[:, None], 5, D, PV, NWV)
-            if PV > 6:
-                _store_sub(o_ptr, part, gmask, (a6 - zc[:, None]) * inv[:, None], 6, D, PV, NWV)
-            if PV > 7:
-                _store_sub(o_ptr, part, gmask, (a7 - zc[:, None]) * inv[:, None], 7, D, PV, NWV)
+            for r in tl.static_range(PV):
+                _store_sub(o_ptr, part, gmask, (accs[r] - zc[:, None]) * inv[:, None], r, D, PV, NWV)
             tl.store(lse_ptr + part, m_i + tl.log2(l_i), mask=gmask)
     else:
         if HAS_WIN:
