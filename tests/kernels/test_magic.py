@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvshrink.kernels.decode_attn.magic import PACK, lut_asm, unpack_asm
+from kvshrink.kernels.decode_attn.magic import PACK, lut_asm, table_words, unpack_asm
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -88,14 +88,16 @@ def test_unpack_asm_gives_every_index_as_fp16(wb: int, bits: int) -> None:
 def test_lut_asm_gives_every_codeword_of_every_index(wb: int, bits: int) -> None:
     rng = np.random.default_rng(wb)
     book = np.sort(rng.standard_normal(1 << bits)).astype(np.float16)
-    asm, cons, n_out = lut_asm(wb, bits, [int(x) for x in book.view(np.uint16)])
+    patterns = [int(x) for x in book.view(np.uint16)]
+    asm, cons, n_out = lut_asm(wb, bits, patterns)
     pack, per = PACK[wb], wb * 8 // bits
-    assert n_out == per * pack // 2 and cons.count(",") + 1 == n_out + pack * wb // 4
+    tables = [t for t in table_words(patterns) for _ in range(pack)]  # a broadcast scalar: pack registers
+    assert n_out == per * pack // 2 and cons.count(",") + 1 == n_out + pack * wb // 4 + len(tables)
     for _ in range(50):
         words = rng.integers(0, 1 << (8 * wb), size=pack, dtype=np.uint64)
         raw = b"".join(int(w).to_bytes(wb, "little") for w in words)
         regs = [int.from_bytes(raw[i : i + 4], "little") for i in range(0, len(raw), 4)]
-        got = np.concatenate([_f16x2(x) for x in _emulate(asm, regs, n_out)]).reshape(per, pack)
+        got = np.concatenate([_f16x2(x) for x in _emulate(asm, regs + tables, n_out)]).reshape(per, pack)
         for r in range(per):
             idx = ((words >> np.uint64(bits * r)) & np.uint64((1 << bits) - 1)).astype(np.int64)
             assert np.array_equal(got[r].view(np.uint16), book[idx].view(np.uint16)), (wb, r, words)
@@ -155,3 +157,35 @@ def test_magic_path_compiles_for_sm90_without_int_to_float_converts() -> None:
                 row_on,
                 row_off,
             )
+
+
+if importlib.util.find_spec("triton") is not None:
+    import triton
+    import triton.language as tl
+
+    from kvshrink.kernels.decode_attn.kernel_sub import _table_words
+
+    @triton.jit
+    def _tables(cb_ptr, out_ptr, N: tl.constexpr):
+        tabs = _table_words(cb_ptr, N)
+        tl.store(out_ptr, tabs[0])
+        tl.store(out_ptr + 1, tabs[1])
+        if N == 16:
+            tl.store(out_ptr + 2, tabs[2])
+            tl.store(out_ptr + 3, tabs[3])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@pytest.mark.parametrize("n", [4, 16])
+def test_kernel_table_words_match_the_generator(n: int) -> None:
+    """The kernel computes the asm's table inputs from the fp16 codebook (``_table_words``); they
+    must be ``magic.table_words`` of the same bit patterns (run here in the interpreter)."""
+    import torch
+
+    book = torch.sort(torch.randn(n, generator=torch.Generator().manual_seed(n))).values.half()
+    book[0] = -book[0].abs()  # a negative codeword: the high byte's sign bit reaches bit 31
+    out = torch.zeros(4, dtype=torch.int32)
+    _tables[(1,)](book, out, n)
+    patterns = [int(x) & 0xFFFF for x in book.view(torch.int16).tolist()]
+    want = [w - (1 << 32) if w >= 1 << 31 else w for w in table_words(patterns)]  # as int32
+    assert out[: len(want)].tolist() == want

@@ -89,7 +89,27 @@ def _group_tile(ptr, rows, tmask, NG: tl.constexpr, NW: tl.constexpr, BT: tl.con
 
 
 @triton.jit
-def _lut(words, MAGIC: tl.constexpr, BITS: tl.constexpr):
+def _table_words(cb_ptr, N: tl.constexpr):
+    """``magic.table_words`` of the fp16 codebook at ``cb_ptr``, as kernel values (held in
+    registers across the loop, where immediates were rematerialized before every ``prmt``)."""
+    i = tl.arange(0, N)
+    c = tl.load(cb_ptr + i).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    lo = (c & 0xFF) << (8 * (i % 4))  # bit-disjoint fields: their sum is their OR
+    hi = (c >> 8) << (8 * (i % 4))
+    if N == 16:
+        tabs = (
+            tl.sum(tl.where(i // 4 == 0, lo, 0)),
+            tl.sum(tl.where(i // 4 == 2, lo, 0)),
+            tl.sum(tl.where(i // 4 == 0, hi, 0)),
+            tl.sum(tl.where(i // 4 == 2, hi, 0)),
+        )
+    else:
+        tabs = (tl.sum(lo), tl.sum(hi))
+    return tabs
+
+
+@triton.jit
+def _lut(words, MAGIC: tl.constexpr, BITS: tl.constexpr, tabs):
     """All sub-streams of a word tile as a tuple of fp16 codeword tiles, by the byte-permute table
     lookup of ``magic.lut_asm``; ``_sub`` then picks one.
 
@@ -99,15 +119,16 @@ def _lut(words, MAGIC: tl.constexpr, BITS: tl.constexpr):
     P: tl.constexpr = words.dtype.primitive_bitwidth // BITS
     PACK: tl.constexpr = 4 if words.dtype.primitive_bitwidth == 8 else 2
     PURE: tl.constexpr = words.dtype.primitive_bitwidth != 8
+    argv = (words,) + tabs  # noqa: RUF005 (no starred unpacking in Triton); tables follow the words
     if P == 2:
         ys = tl.inline_asm_elementwise(
-            MAGIC[0], MAGIC[1], [words], dtype=(tl.float16, tl.float16), is_pure=PURE, pack=PACK
+            MAGIC[0], MAGIC[1], argv, dtype=(tl.float16, tl.float16), is_pure=PURE, pack=PACK
         )
     elif P == 4:
         ys = tl.inline_asm_elementwise(
             MAGIC[0],
             MAGIC[1],
-            [words],
+            argv,
             dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
             is_pure=PURE,
             pack=PACK,
@@ -116,7 +137,7 @@ def _lut(words, MAGIC: tl.constexpr, BITS: tl.constexpr):
         ys = tl.inline_asm_elementwise(
             MAGIC[0],
             MAGIC[1],
-            [words],
+            argv,
             dtype=(
                 tl.float16,
                 tl.float16,
@@ -308,6 +329,10 @@ def _split_sub_kernel(
             l_i = tl.zeros([BG], tl.float32)
             lz = tl.zeros([BG], tl.float32)  # Σ p·scale (folded value zero-point)
             # add the per-element min tile: KIVI's min, or -zero·scale unless the PTX took the zero
+            if K_KIND == 2 and len(K_MAGIC) > 0:
+                ktabs = _table_words(cbk_ptr, K_NLEV)
+            if V_KIND == 2 and len(V_MAGIC) > 0:
+                vtabs = _table_words(cbv_ptr, V_NLEV)
             K_ADDM: tl.constexpr = K_MIN or len(K_MAGIC) == 0
             V_ADDM: tl.constexpr = V_MIN or len(V_MAGIC) == 0
             for t0 in range(start, end, BT):
@@ -316,7 +341,7 @@ def _split_sub_kernel(
                 rows = bh.to(tl.int64) * T + offs
                 wk = load_words(kc_ptr, rows, tmask, RBK, NWK, WBK)
                 if K_KIND == 2 and len(K_MAGIC) > 0:
-                    wk = _lut(wk, K_MAGIC, BITS)
+                    wk = _lut(wk, K_MAGIC, BITS, ktabs)
                 if K_KIND == 0 and not K_FOLD:
                     sk = _group_tile(ks_ptr, rows, tmask, K_NG, NWK, BT)
                     mk = (sk.to(tl.float32) * -K_ZERO).to(tl.float16)  # symmetric: (c - Z)·s
@@ -358,7 +383,7 @@ def _split_sub_kernel(
                 l_i = l_i * alpha + tl.sum(p, 1)
                 wv = load_words(vc_ptr, rows, tmask, RBV, NWV, WBV)
                 if V_KIND == 2 and len(V_MAGIC) > 0:
-                    wv = _lut(wv, V_MAGIC, BITS)
+                    wv = _lut(wv, V_MAGIC, BITS, vtabs)
                 if V_KIND == 0 and not V_FOLD:
                     sv = _group_tile(vs_ptr, rows, tmask, V_NG, NWV, BT)
                     mv = (sv.to(tl.float32) * -V_ZERO).to(tl.float16)  # symmetric: (c - Z)·s

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import struct
 
-__all__ = ["PACK", "unpack_asm"]
+__all__ = ["PACK", "lut_asm", "table_words", "unpack_asm"]
 
 PACK = {1: 4, 2: 2, 4: 2}  # elements per asm instance, by word bytes
 
@@ -90,8 +90,8 @@ def _lut16_bytes(src: str, tl: list[int], th: list[int], tag: str) -> tuple[list
             out += [f"shr.b32 {tag}s, {tag}s, 16;", f"shr.b32 {tag}m, {tag}m, 16;"]
         for plane, table in (("l", tl), ("h", th)):
             out += [
-                f"prmt.b32 {tag}x, {table[0]:#010x}, {table[1]:#010x}, {tag}s;",
-                f"prmt.b32 {tag}y, {table[2]:#010x}, {table[3]:#010x}, {tag}s;",
+                f"prmt.b32 {tag}x, $T{plane}0, {table[1]:#010x}, {tag}s;",
+                f"prmt.b32 {tag}y, $T{plane}2, {table[3]:#010x}, {tag}s;",
                 f"prmt.b32 {tag}{plane}{half}, {tag}x, {tag}y, {tag}m;",
             ]
     return regs, out
@@ -119,8 +119,8 @@ def _lut4_asm(wb: int, codebook: list[int]) -> tuple[list[str], list[str]]:
             if h == "b":
                 body.append(f"shr.b32 x{q}, x{q}, 16;")
             body += [
-                f"prmt.b32 l{q}{h}, {tl:#010x}, {th:#010x}, x{q};",
-                f"prmt.b32 h{q}{h}, {th:#010x}, {tl:#010x}, x{q};",
+                f"prmt.b32 l{q}{h}, $Tl, {th:#010x}, x{q};",
+                f"prmt.b32 h{q}{h}, $Th, {tl:#010x}, x{q};",
             ]
     out = 0
     if wb == 1:  # bytes e0..e3; x_q holds index 2j + q of byte e at nibble 2e + j
@@ -148,7 +148,8 @@ def lut_asm(wb: int, bits: int, codebook: list[int]) -> tuple[str, str, int]:
     codewords: output ``r`` (``pack/2`` registers each) holds index ``r`` of each word.
 
     ``codebook``: the ``2**bits`` fp16 bit patterns. 4-bit indices in 1-, 2- or 4-byte words,
-    2-bit indices in 1- or 2-byte words (at most 8 indices per word)."""
+    2-bit indices in 1- or 2-byte words (at most 8 indices per word). After the words the asm
+    takes the :func:`table_words` as scalar inputs."""
     n = 1 << bits
     if bits == 2 and wb in (1, 2) and len(codebook) == n:
         pack = PACK[wb]
@@ -156,7 +157,7 @@ def lut_asm(wb: int, bits: int, codebook: list[int]) -> tuple[str, str, int]:
         decl, body = _lut4_asm(wb, codebook)
         body = [b.replace("$IN", f"${n_out}") for b in body]
         asm = "\n".join(["{", f".reg .b32 {', '.join(decl)};", *body, "}"])
-        return asm, ",".join(["=r"] * n_out + ["r"]), n_out
+        return _table_regs(asm, ("$Tl", "$Th"), n_out, 1, pack)
     if bits != 4 or wb not in PACK or len(codebook) != n:
         raise ValueError(
             f"no codebook lookup for {wb}-byte words of {bits}-bit indices ({len(codebook)} codewords)"
@@ -199,4 +200,25 @@ def lut_asm(wb: int, bits: int, codebook: list[int]) -> tuple[str, str, int]:
                 f"prmt.b32 ${r + 1}, ua, ub, 0x7632;",  # index r + 1
             ]
     asm = "\n".join(["{", f".reg .b32 {', '.join(decl)};", *body, "}"])
-    return asm, ",".join(["=r"] * n_out + ["r"] * n_in), n_out
+    return _table_regs(asm, ("$Tl0", "$Tl2", "$Th0", "$Th2"), n_out, n_in, pack)
+
+
+def _table_regs(asm: str, names: tuple[str, ...], n_out: int, n_in: int, pack: int) -> tuple[str, str, int]:
+    """Point the table placeholders at the scalar inputs that follow the words (each broadcast
+    input arrives as ``pack`` registers; the first is used)."""
+    for j, name in enumerate(names):
+        asm = asm.replace(name + ",", f"${n_out + n_in + j * pack},")
+    return asm, ",".join(["=r"] * n_out + ["r"] * (n_in + len(names) * pack)), n_out
+
+
+def table_words(codebook: list[int]) -> tuple[int, ...]:
+    """The scalar inputs :func:`lut_asm`'s asm takes after the words, as the kernel computes them
+    (``kernel_sub._table_words``): low-byte words 0 and 2 then high-byte words 0 and 2 of a
+    16-level codebook, or the low- and high-byte words of a 4-level one.
+
+    Why registers and not immediates: ``prmt`` takes at most one immediate table operand, and
+    ptxas rematerialized the other before every ``prmt`` from a uniform register (an extra
+    ``IMAD.U32`` per lookup, 255 registers); as kernel values they stay in 4 registers
+    (45 -> 39 warp-instructions per token for TurboQuant b=4, 194 registers)."""
+    tl, th = _words([c & 0xFF for c in codebook]), _words([c >> 8 for c in codebook])
+    return (tl[0], tl[2], th[0], th[2]) if len(codebook) == 16 else (tl[0], th[0])
