@@ -9,9 +9,12 @@ Scales are folded out of the per-element path wherever the layout allows:
 
 - int4/int8 with one scale per token: ``score = s_t (q·c − Z Σq)``, ``acc += (p s_t)·c − Z Σ p s_t``;
 - KIVI keys (one scale/min row per group of ``BT`` tokens): ``q̃ = q ⊙ s_g``, bias ``q·m_g``;
-- TurboQuant: ``score = norm_t (q'·ŷ)``, ``acc += (p norm_t)·ŷ`` (ŷ gathered or selected).
+- TurboQuant: ``score = norm_t (q'·ŷ)``, ``acc += (p norm_t)·ŷ`` (ŷ gathered, selected, or looked
+  up by byte permutes, ``magic.lut_asm``).
 
-Only KIVI values (a scale per group of channels) dequantize per element, in fp16.
+Layouts whose scale changes along the channels (int4/int8 with groups, KIVI values) dequantize per
+element in fp16, the scales broadcast from one load per group (``_group_tile``). On CUDA, integer
+codes become fp16 by the PTX of ``magic.unpack_asm`` where that measured faster (``MAGIC``).
 Requires ``vec == 1``, the same bits for keys and values, and ``d/P >= 16`` (``tl.dot``).
 """
 

@@ -10,8 +10,8 @@ one ``lop3`` masks index ``r`` and ORs the exponent in, and one ``fma.rn.f16x2``
 instructions, all exact (``2^off · c + 1024 < 2048`` is an integer in fp16's 11-bit mantissa).
 
 These strings go to ``tl.inline_asm_elementwise`` (CUDA only: the interpreter cannot run PTX, so
-the kernel keeps the plain ``(code | 0x6400)`` bitcast beside it, tested against each other on
-the device). Input elements of ``wb`` bytes are packed ``4/wb`` to a 32-bit register by Triton:
+the kernel keeps its plain shift, mask and convert beside it; the two are compared on the device,
+and the asm by an emulator of its instructions in CI, ``tests/kernels/test_magic.py``). Input elements of ``wb`` bytes are packed ``4/wb`` to a 32-bit register by Triton:
 ``pack`` elements per asm instance, element ``j`` in byte ``j·wb`` of the concatenated inputs.
 """
 
