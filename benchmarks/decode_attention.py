@@ -28,7 +28,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import ClassVar
@@ -37,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from kvshrink.codecs import CODECS, Codec, CodecConfig, Packed, make_codec
+from kvshrink.core import atomic_write, atomic_write_with
 from kvshrink.kernels import Window, decode_attention, decode_attention_ref, encode_vq, layout_of
 from kvshrink.kernels.encode import encode_vq_ref
 from kvshrink.kernels.encode.pad import mma_ok, mma_supported
@@ -364,11 +364,15 @@ def main() -> None:
             checks += (
                 guarded("correctness (sweep)", check_correctness, methods, {m: cfg for m in methods}) or []
             )
-        sdpa_ms = time_sdpa(timer, 8, 32768)
+        dense = [
+            torch.randn(8, h, n, D, device="cuda").half() for h, n in ((HQ, 1), (HKV, 32768), (HKV, 32768))
+        ]
+        _, sdpa_ms = time_sdpa(timer, *dense)
+        del dense
         print(f"sdpa-fp16 B=8 L=32768 {sdpa_ms * 1e3:8.1f} us")
         res = {"device": dev, "copy_bandwidth_TBps": bw, "reps": args.reps, "sdpa_fp16_ms": sdpa_ms}
         res |= {"sweep": sweep, "checks": checks, "torch": torch.__version__}
-        write_json(args.out, f"decode-attention-sweep-{slug}", res)
+        atomic_write(os.path.join(args.out, f"decode-attention-sweep-{slug}.json"), json.dumps(res, indent=1))
         return
     rows: list[dict] = []
     details: list[dict] = []
@@ -377,16 +381,8 @@ def main() -> None:
         q = torch.randn(b, HQ, D, device="cuda").half()
         kf = torch.randn(b, HKV, L, D, device="cuda").half()
         vf = torch.randn(b, HKV, L, D, device="cuda").half()
-        q4 = q.unsqueeze(2)
-        name, be = pick_sdpa(q4, kf, vf)
+        name, sdpa_ms = time_sdpa(timer, q.unsqueeze(2), kf, vf)
         sdpa_backend = sdpa_backend or name
-        from torch.nn.attention import sdpa_kernel
-
-        def sdpa(q4=q4, kf=kf, vf=vf, be=be):
-            with sdpa_kernel([be]):
-                return F.scaled_dot_product_attention(q4, kf, vf, enable_gqa=True)
-
-        sdpa_ms = timer(sdpa)
         fp16_bytes = 2 * kf.numel() * 2
         rows.append(
             {
@@ -625,15 +621,8 @@ def write_encode(out_dir: str, stem: str, dev: str, checks: list, enc: dict | No
             )
     lines += ["", "Encode checks (fused kernel vs the codec's own encode):", ""]
     lines += [f"- {c}" for c in checks]
-    os.makedirs(out_dir, exist_ok=True)
-    for name, data in (
-        (f"{stem}.json", json.dumps(result, indent=1)),
-        (f"{stem}.md", "\n".join(lines) + "\n"),
-    ):
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.")
-        with os.fdopen(fd, "w") as f:
-            f.write(data)
-        os.replace(tmp, os.path.join(out_dir, name))
+    atomic_write(os.path.join(out_dir, f"{stem}.json"), json.dumps(result, indent=1))
+    atomic_write(os.path.join(out_dir, f"{stem}.md"), "\n".join(lines) + "\n")
 
 
 def guarded(what: str, fn, *args):
@@ -646,41 +635,23 @@ def guarded(what: str, fn, *args):
         return None
 
 
-def time_sdpa(timer: Timer, b: int, L: int) -> float:
-    """fp16 SDPA decode at (B, L), backend pinned as in the main table."""
+def time_sdpa(timer: Timer, q4: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor) -> tuple[str, float]:
+    """fp16 SDPA decode of ``q4`` [B, Hq, 1, d] over ``kf``/``vf``, backend pinned (:func:`pick_sdpa`):
+    (backend name, ms)."""
     from torch.nn.attention import sdpa_kernel
 
-    q4 = torch.randn(b, HQ, 1, D, device="cuda").half()
-    kf = torch.randn(b, HKV, L, D, device="cuda").half()
-    vf = torch.randn(b, HKV, L, D, device="cuda").half()
-    _, be = pick_sdpa(q4, kf, vf)
+    name, be = pick_sdpa(q4, kf, vf)
 
     def sdpa():
         with sdpa_kernel([be]):
             return F.scaled_dot_product_attention(q4, kf, vf, enable_gqa=True)
 
-    return timer(sdpa)
-
-
-def write_json(out_dir: str, stem: str, result: dict) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{stem}.json.")
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(result, indent=1))
-    os.replace(tmp, os.path.join(out_dir, f"{stem}.json"))
+    return name, timer(sdpa)
 
 
 def write(out_dir: str, stem: str, result: dict) -> None:
-    """JSON, Markdown table and PNG, each written to a temp file then renamed."""
-    os.makedirs(out_dir, exist_ok=True)
-
-    def atomic(name: str, data: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, os.path.join(out_dir, name))
-
-    atomic(f"{stem}.json", json.dumps(result, indent=1).encode())
+    """JSON, Markdown table and PNG, each written atomically."""
+    atomic_write(os.path.join(out_dir, f"{stem}.json"), json.dumps(result, indent=1))
     lines = [
         f"# Decode attention over packed caches: {result['device']}",
         "",
@@ -695,7 +666,7 @@ def write(out_dir: str, stem: str, result: dict) -> None:
             f"| {r['B']} | {r['L']} | {r['method']} | {r['ms'] * 1e3:.1f} | {r['speedup_vs_sdpa']:.2f} | "
             f"{r['pct_of_floor']:.0f} |"
         )
-    atomic(f"{stem}.md", ("\n".join(lines) + "\n").encode())
+    atomic_write(os.path.join(out_dir, f"{stem}.md"), "\n".join(lines) + "\n")
     try:
         import matplotlib
 
@@ -725,10 +696,9 @@ def write(out_dir: str, stem: str, result: dict) -> None:
     ax.set_title(f"Decode attention over packed caches, {result['device']}")
     ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, os.path.join(out_dir, f"{stem}.png"))
+    atomic_write_with(
+        os.path.join(out_dir, f"{stem}.png"), lambda tmp: fig.savefig(tmp, format="png", dpi=120)
+    )
 
 
 if __name__ == "__main__":
