@@ -331,11 +331,11 @@ def _split_sub_kernel(
             m_i = tl.full([BG], float("-inf"), tl.float32)
             l_i = tl.zeros([BG], tl.float32)
             lz = tl.zeros([BG], tl.float32)  # Σ p·scale (folded value zero-point)
-            # add the per-element min tile: KIVI's min, or -zero·scale unless the PTX took the zero
             if K_KIND == 2 and len(K_MAGIC) > 0:
                 ktabs = _table_words(cbk_ptr, K_NLEV)
             if V_KIND == 2 and len(V_MAGIC) > 0:
                 vtabs = _table_words(cbv_ptr, V_NLEV)
+            # add the per-element min tile: KIVI's min, or -zero·scale unless the PTX took the zero
             K_ADDM: tl.constexpr = K_MIN or len(K_MAGIC) == 0
             V_ADDM: tl.constexpr = V_MIN or len(V_MAGIC) == 0
             for t0 in range(start, end, BT):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["codebook_tile", "load_words", "read_words", "select_levels", "stream_chan", "unpack", "values"]
+__all__ = ["codebook_tile", "load_words", "select_levels", "stream_chan", "unpack", "values"]
 
 
 @triton.jit
@@ -54,12 +54,6 @@ def load_words(c_ptr, rows, tmask, RB: tl.constexpr, NW: tl.constexpr, WB: tl.co
         b2 = tl.load(base + 3 * w[None, :] + 2, mask=tmask[:, None], other=0).to(tl.int32)
         words = b0 | (b1 << 8) | (b2 << 16)
     return words
-
-
-@triton.jit
-def read_words(c_ptr, rows, tmask, RB: tl.constexpr, NW: tl.constexpr, WB: tl.constexpr):
-    """``[BT, NW]`` int32 words (:func:`load_words`, widened)."""
-    return load_words(c_ptr, rows, tmask, RB, NW, WB).to(tl.int32)
 
 
 @triton.jit
