@@ -197,6 +197,11 @@ def parse_cache_spec(spec: str, **cache_options: Any) -> CacheSpec:
             f"{cfg.name}: prerope=1 is served by the frontier harness only; CompressedCache codes the keys "
             "it is given, after RoPE, so drop prerope=1 from cache specs"
         )
+    for cfg in (c for c in checked if getattr(c, "white", 0)):
+        raise SpecError(
+            f"{cfg.name}: white={cfg.white} is served by the frontier harness only; CompressedCache does not "
+            "yet fit the key transform to the prompt's queries, so drop white= from cache specs"
+        )
     cache = cache or CacheConfig()
     if cache_options:
         fields = {f.name for f in dataclasses.fields(CacheConfig)}

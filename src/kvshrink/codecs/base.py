@@ -100,12 +100,31 @@ class Codec(Configured, ABC):
     def check_dim(self, d: int) -> None:
         """Raise :class:`InputError` if head dim ``d`` is unsupported (override to restrict)."""
 
-    def encode(self, x: torch.Tensor, role: Role = "key") -> Packed:
-        """Encode ``x`` of shape ``[..., T, d]``."""
+    def encode(self, x: torch.Tensor, role: Role = "key", queries: torch.Tensor | None = None) -> Packed:
+        """Encode ``x`` of shape ``[..., T, d]``.
+
+        ``queries`` ``[..., n, d]`` (same leading dims as ``x``): the queries that will read these
+        keys, for codecs whose :meth:`uses_queries` says they shape the code to them.
+        """
         self.validate(x)
         if role not in ("key", "value"):
             raise InputError(f"{self.spec}: role must be 'key' or 'value', got {role!r}")
-        return self._encode(x, role)
+        if not self.uses_queries(role):
+            return self._encode(x, role)
+        if queries is None or queries.shape[:-2] != x.shape[:-2] or queries.shape[-1] != x.shape[-1]:
+            got = "none" if queries is None else f"shape {tuple(queries.shape)}"
+            raise InputError(
+                f"{self.spec}: {role}s are coded for their queries; pass queries=[..., n, d] with the "
+                f"leading dims and d of x {tuple(x.shape)} (got {got})"
+            )
+        return self._encode_for(x, role, queries)
+
+    def uses_queries(self, role: Role) -> bool:
+        """Whether ``encode(..., role)`` needs the queries (a query-aware transform)."""
+        return False
+
+    def _encode_for(self, x: torch.Tensor, role: Role, queries: torch.Tensor) -> Packed:
+        raise NotImplementedError
 
     def decode(self, packed: Packed, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Decode every token: ``[..., T, d]`` in ``dtype`` (default: the encoded dtype)."""

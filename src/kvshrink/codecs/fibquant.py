@@ -10,7 +10,7 @@ Spec: ``fibquant:b=2,k=4`` (N = 2^(k·b) must be an integer) or ``fibquant:k=6,n
 directly, N not a power of two packs with mixed radix). Options: ``seed``, ``rot=haar|hadamard``,
 ``lloyd=1|0`` (0: the unrefined radial–angular start, an ablation), ``dirs=fib|random``,
 ``pad=1`` (zero-pad the rotated vector when k does not divide d), and beyond the paper ``kb``/``vb``
-(key/value rates, each with its own codebook), ``center``, ``sinks``, ``window``
+(key/value rates, each with its own codebook), ``center``, ``sinks``, ``window``, ``white``
 (see :mod:`.rotated`, which also documents the packed layout).
 
 Canonical spec: a power-of-two N whose rate has ≤ 6 decimals prints as ``b``, any other N as
@@ -92,6 +92,8 @@ class FibQuantConfig(CodecConfig):
     # keys coded before RoPE (KVQuant): the codec maths is unchanged; whoever holds the cache
     # encodes pre-RoPE keys and re-applies RoPE after decoding (eval.methods, cache)
     prerope: bool = False
+    white: int = 0  # rank of the query-aware key transform (0: off; see primitives.whiten)
+    wshrink: float = 0.1
 
     def __post_init__(self) -> None:
         if self.k not in BLOCK_SIZES:

@@ -8,7 +8,9 @@ Subclasses only say what the codebook is (and may add tensors, like TurboQuant's
 Beyond the papers, shared by both codecs: ``sinks``/``window`` keep the first/last tokens in
 fp16 (attention sinks and the recent window matter most), ``center`` subtracts a stored per-head
 key mean over tokens before normalizing (keys share a large common direction that otherwise
-eats the rate; softmax ignores the q·μ shift it adds back), and separate key/value rates.
+eats the rate; softmax ignores the q·μ shift it adds back), ``white=r`` codes keys through a
+rank-r transform fitted to the queries that will read them (:mod:`.primitives.whiten`; encode
+then needs ``queries=``), and separate key/value rates.
 
 Packed layout (fixed; the attention kernels depend on it), for input ``[..., T, d]``:
 
@@ -17,7 +19,9 @@ Packed layout (fixed; the attention kernels depend on it), for input ``[..., T, 
 - ``norm``: fp16 ``[..., Tc]``: ‖x - mean‖, so x̂ = norm·Πᵀŷ (+ mean);
 - optional: ``mean`` fp32 ``[..., 1, d]`` (keys with ``center=1``; the mean of the coded tokens),
   ``sinks`` fp16 ``[..., S, d]`` and ``window`` fp16 ``[..., W, d]`` (present whenever the option
-  is > 0, possibly with 0 rows), and TurboQuant's ``qjl``/``rnorm`` (see :mod:`.turboquant`).
+  is > 0, possibly with 0 rows), ``wu`` fp16 ``[..., r, d]`` and ``ws`` fp16 ``[..., r]`` (keys with
+  ``white=r``: x is coded as A·x, A = I + wuᵀ diag(ws) wu, the mean and norm taken after A),
+  and TurboQuant's ``qjl``/``rnorm`` (see :mod:`.turboquant`).
   Token order is sinks, coded, window: T = S + Tc + W.
 - ``meta``: ``k``, ``n`` (N), ``blocks`` (ceil(d/k)), ``pad`` (zeros appended to y), ``bits``
   (index width, 0 for mixed radix), ``radix_group``/``radix_width`` (0 unless mixed radix),
@@ -40,6 +44,7 @@ import torch
 
 from ..core.errors import InputError, SpecError
 from .base import Codec, Packed, Role
+from .primitives import whiten
 from .primitives.mixed_radix import index_row_bytes, pack_indices, radix_layout, unpack_indices
 from .primitives.rotation import ROTATIONS, Rotation, make_rotation
 
@@ -59,6 +64,12 @@ def check_common(cfg: Any) -> None:
     for opt in ("sinks", "window"):
         if getattr(cfg, opt) < 0:
             raise SpecError(f"{cfg.name}: {opt} must be >= 0 tokens, got {getattr(cfg, opt)}")
+    if not 0 <= cfg.white <= 1024:
+        raise SpecError(
+            f"{cfg.name}: white (rank of the query-aware key transform) must be in 0..1024, got {cfg.white}"
+        )
+    if not 0.0 < cfg.wshrink <= 10.0:
+        raise SpecError(f"{cfg.name}: wshrink must be in (0, 10], got {cfg.wshrink:g}")
 
 
 class RotatedCodec(Codec):
@@ -213,7 +224,13 @@ class RotatedCodec(Codec):
         return torch.nn.functional.embedding(idx, book).reshape(*idx.shape[:-1], idx.shape[-1] * self.k)
 
     # -- encode ----------------------------------------------------------------------------------
-    def _encode(self, x: torch.Tensor, role: Role) -> Packed:
+    def uses_queries(self, role: Role) -> bool:
+        return role == "key" and getattr(self.config, "white", 0) > 0
+
+    def _encode_for(self, x: torch.Tensor, role: Role, queries: torch.Tensor) -> Packed:
+        return self._encode(x, role, queries)
+
+    def _encode(self, x: torch.Tensor, role: Role, queries: torch.Tensor | None = None) -> Packed:
         c = self.config
         *lead, t, d = x.shape
         s = min(c.sinks, t)
@@ -223,6 +240,10 @@ class RotatedCodec(Codec):
         x = x.to(torch.float32)
         r = x[..., s : s + tc, :]
         tensors: dict[str, torch.Tensor] = {}
+        if queries is not None:  # code A·k (primitives.whiten); the transform is stored and counted
+            u, sv = whiten.fit(queries, r if tc else x, c.white, c.wshrink)
+            tensors["wu"], tensors["ws"] = u, sv
+            r = whiten.apply(whiten.matrices(u, sv)[0], r)
         mean = None
         if c.center and role == "key":
             mean = r.mean(dim=-2, keepdim=True) if tc else torch.zeros(*lead, 1, d, device=x.device)
@@ -286,13 +307,21 @@ class RotatedCodec(Codec):
             rows: torch.Tensor | None = None
         else:
             rows = index
+        white = None
+        if "wu" in tz:
+            if rotated:
+                raise InputError(
+                    f"{packed.spec}: keys coded with white= decode in the original basis only (decode, not decode_rotated)"
+                )
+            white = whiten.matrices(tz["wu"], tz["ws"])[1]
         if rows is None and s == 0 and tc == t:  # all tokens coded (the cache's blocks): no scatter
             y = self._coded(packed, None)
             mean = tz.get("mean")
             if rotated:
                 return y if mean is None else y + rot.apply(mean)
             y = rot.apply_t(y, exact=True)
-            return y if mean is None else y + mean
+            y = y if mean is None else y + mean
+            return y if white is None else whiten.apply(white, y)
         is_sink, is_win = index < s, index >= s + tc
         is_code = ~(is_sink | is_win)
         out = torch.empty(*lead, index.numel(), d, device=device)
@@ -304,6 +333,7 @@ class RotatedCodec(Codec):
             else:
                 y = rot.apply_t(y, exact=True)  # bitwise the same for any subset of rows
                 y = y if mean is None else y + mean
+                y = y if white is None else whiten.apply(white, y)
             out[..., is_code, :] = y
         for name, mask, start in (("sinks", is_sink, 0), ("window", is_win, s + tc)):
             if bool(mask.any()):

@@ -11,7 +11,7 @@ residual r = y - ŷ (S a seeded Gaussian d×d, ‖r‖ in fp16), decoded as
 1-D), at the price of more variance; ports report it hurts keys end to end, so it is opt-in.
 
 Spec: ``turboquant:b=2`` with options ``seed``, ``rot=haar|hadamard``, ``qjl``, ``kb``/``vb``
-(key/value bits overriding b), ``center``, ``sinks``, ``window`` (see :mod:`.rotated`).
+(key/value bits overriding b), ``center``, ``sinks``, ``window``, ``white`` (see :mod:`.rotated`).
 Extra tensors with ``qjl=1``: ``qjl`` uint8 ``[..., Tc, ceil(d/8)]`` (sign bits, pack_rows at
 1 bit, bit set = +1) and ``rnorm`` fp16 ``[..., Tc]``.
 """
@@ -52,6 +52,8 @@ class TurboQuantConfig(CodecConfig):
     # keys coded before RoPE (KVQuant): the codec maths is unchanged; whoever holds the cache
     # encodes pre-RoPE keys and re-applies RoPE after decoding (eval.methods, cache)
     prerope: bool = False
+    white: int = 0  # rank of the query-aware key transform (0: off; see primitives.whiten)
+    wshrink: float = 0.1
 
     def __post_init__(self) -> None:
         for opt in ("b", "kb", "vb"):

@@ -17,7 +17,7 @@ from ..core.errors import SpecError
 from ..core.spec import parse_stage, split_stages
 from .capture import LayerCapture, apply_rope
 
-__all__ = ["CodecMethod", "LayerResult", "build_method", "code_keys", "code_values", "family"]
+__all__ = ["CodecMethod", "LayerResult", "build_method", "code_keys", "code_values", "family", "key_queries"]
 
 
 @dataclass
@@ -27,15 +27,44 @@ class LayerResult:
     nbytes: int
 
 
+def key_queries(layer: LayerCapture, prerope: bool, reps: int = 4) -> torch.Tensor:
+    """The captured queries as the keys will meet them, ``[B, Hkv, G·n(·reps), d]``: a GQA group's
+    query heads stacked; for keys coded before RoPE, each query at position m turned back by
+    RoPE to ``reps`` key positions drawn uniformly (seeded) from 0..m, since ``q·R_n k = (R_nᵀ q)·k``."""
+    q = layer.q.to(torch.float32)
+    b, hq, n, d = q.shape
+    if prerope:
+        if layer.cos is None or layer.rope_fn is None:
+            raise SpecError("white= with prerope=1 needs the RoPE tables, which this model does not expose")
+        g = torch.Generator().manual_seed(0)
+        pos = layer.q_pos.to(torch.float64).repeat(reps)
+        kpos = (
+            (torch.rand(pos.numel(), generator=g, dtype=torch.float64) * (pos + 1))
+            .long()
+            .clamp_max(layer.cos.shape[1] - 1)
+        )
+        cos, sin = layer.cos[:, kpos].to(torch.float32), layer.sin[:, kpos].to(torch.float32)
+        q = apply_rope(q.repeat(1, 1, reps, 1), cos, -sin, layer.rope_fn)  # Rᵀ: the angle negated
+        n *= reps
+    hkv = layer.k.shape[1]
+    return q.reshape(b, hkv, (hq // hkv) * n, d)
+
+
 def code_keys(codec: Codec, layer: LayerCapture) -> tuple[torch.Tensor, int]:
-    """Keys through ``codec`` (pre-RoPE when it asks, RoPE re-applied): post-RoPE decoded keys, bytes."""
-    if getattr(codec.config, "prerope", False):
+    """Keys through ``codec`` (pre-RoPE when it asks, RoPE re-applied): post-RoPE decoded keys, bytes.
+
+    A codec that shapes keys to their queries (``white=``) gets the captured prompt queries
+    (:func:`key_queries`), never the continuation's.
+    """
+    pre = bool(getattr(codec.config, "prerope", False))
+    queries = key_queries(layer, pre) if codec.uses_queries("key") else None
+    if pre:
         if layer.k_pre is None or layer.rope_fn is None:
             raise SpecError(f"{codec.spec}: prerope needs pre-RoPE keys, which this model does not expose")
-        pk = codec.encode(layer.k_pre, "key")
+        pk = codec.encode(layer.k_pre, "key", queries=queries)
         k_hat = apply_rope(codec.decode(pk).to(layer.k.dtype), layer.cos, layer.sin, layer.rope_fn)
         return k_hat, pk.nbytes()
-    pk = codec.encode(layer.k, "key")
+    pk = codec.encode(layer.k, "key", queries=queries)
     return codec.decode(pk), pk.nbytes()
 
 
