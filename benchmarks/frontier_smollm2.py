@@ -74,6 +74,10 @@ TARGETS = {
     # docs/results/layer-allocation-smollm2.md), and the best one-rate configs beside them
     "best at ~7x": "layers:at=[0],codec=[fibquant:b=2,k=4,kb=1.5,vb=2.5,sinks=1,prerope=1]+layers:at=[1],codec=[fibquant:b=2,k=4,vb=3,sinks=1,prerope=1]+layers:at=[2,4,5,12,14,22,27],codec=[fibquant:b=2,k=4,kb=2.5,vb=1,sinks=1,prerope=1]+layers:at=[3,15,17-20,23],codec=[fibquant:b=2,k=4,kb=3,vb=1.5,sinks=1,prerope=1]+layers:at=[6],codec=[fibquant:b=2,k=4,vb=1,sinks=1,prerope=1]+layers:at=[7],codec=[fibquant:b=2,k=4,kb=2.5,vb=1.5,sinks=1,prerope=1]+layers:at=[8],codec=[fibquant:b=2,k=4,kb=2.5,sinks=1,prerope=1]+layers:at=[24],codec=[fibquant:b=2,k=4,kb=3,sinks=1,prerope=1]+layers:at=[28],codec=[fibquant:b=2,k=4,vb=1.5,sinks=1,prerope=1]+layers:at=[29],codec=[fibquant:b=2,k=4,kb=1.5,vb=1,sinks=1,prerope=1]+fibquant:b=2,k=4,kb=3,vb=1,sinks=1,prerope=1",
     "best at >=5.5x": "layers:at=[0],codec=[fibquant:b=2,k=4,kb=2.5,vb=3,sinks=1,window=16,prerope=1]+layers:at=[1],codec=[fibquant:b=2,k=4,kb=3,vb=3,sinks=1,window=16,prerope=1]+layers:at=[4,9,11-13,16,22,25,27],codec=[fibquant:b=2,k=4,kb=3,vb=1.5,sinks=1,window=16,prerope=1]+layers:at=[7,8,17-20,23,24],codec=[fibquant:b=2,k=4,kb=3,vb=2.5,sinks=1,window=16,prerope=1]+layers:at=[28],codec=[fibquant:b=2,k=4,kb=2.5,sinks=1,window=16,prerope=1]+layers:at=[29],codec=[fibquant:b=2,k=4,kb=2.5,vb=1.5,sinks=1,window=16,prerope=1]+fibquant:b=2,k=4,kb=3,sinks=1,window=16,prerope=1",
+    # the same allocation with keys coded through the transform fitted to the prompt's queries
+    # (white=4; key sensitivities re-measured with it, benchmarks/layer_sensitivity.py --roles key)
+    "best at ~7x, keys fitted to queries": "layers:at=[0],codec=[fibquant:b=2,k=4,vb=3,sinks=1,window=16,prerope=1,white=4]+layers:at=[1],codec=[fibquant:b=2,k=4,kb=2.5,vb=3,sinks=1,window=16,prerope=1,white=4]+layers:at=[2,6,17],codec=[fibquant:b=2,k=4,kb=2.5,vb=1.5,sinks=1,window=16,prerope=1,white=4]+layers:at=[4,9,11],codec=[fibquant:b=2,k=4,kb=2.5,vb=1,sinks=1,window=16,prerope=1,white=4]+layers:at=[7,10],codec=[fibquant:b=2,k=4,kb=3,vb=1.5,sinks=1,window=16,prerope=1,white=4]+layers:at=[8,18],codec=[fibquant:b=2,k=4,kb=3,sinks=1,window=16,prerope=1,white=4]+layers:at=[12,13,16],codec=[fibquant:b=2,k=4,vb=1,sinks=1,window=16,prerope=1,white=4]+layers:at=[19],codec=[fibquant:b=2,k=4,sinks=1,window=16,prerope=1,white=4]+layers:at=[20,23,24],codec=[fibquant:b=2,k=4,kb=2.5,sinks=1,window=16,prerope=1,white=4]+layers:at=[22,25-27,29],codec=[fibquant:b=2,k=4,kb=1.5,vb=1,sinks=1,window=16,prerope=1,white=4]+fibquant:b=2,k=4,vb=1.5,sinks=1,window=16,prerope=1,white=4",
+    "best at >=5.5x, keys fitted to queries": "layers:at=[0],codec=[fibquant:b=2,k=4,kb=2.5,vb=3,sinks=1,window=16,prerope=1,white=4]+layers:at=[1,8,23,24],codec=[fibquant:b=2,k=4,kb=3,vb=3,sinks=1,window=16,prerope=1,white=4]+layers:at=[2-6,9,10],codec=[fibquant:b=2,k=4,kb=3,sinks=1,window=16,prerope=1,white=4]+layers:at=[11,12],codec=[fibquant:b=2,k=4,kb=3,vb=1.5,sinks=1,window=16,prerope=1,white=4]+layers:at=[13,16,29],codec=[fibquant:b=2,k=4,kb=2.5,vb=1.5,sinks=1,window=16,prerope=1,white=4]+layers:at=[19,28],codec=[fibquant:b=2,k=4,kb=2.5,vb=2.5,sinks=1,window=16,prerope=1,white=4]+layers:at=[22,26],codec=[fibquant:b=2,k=4,kb=2.5,sinks=1,window=16,prerope=1,white=4]+layers:at=[25],codec=[fibquant:b=2,k=4,vb=1,sinks=1,window=16,prerope=1,white=4]+layers:at=[27],codec=[fibquant:b=2,k=4,vb=1.5,sinks=1,window=16,prerope=1,white=4]+fibquant:b=2,k=4,kb=3,vb=2.5,sinks=1,window=16,prerope=1,white=4",
     "one rate at ~7x": "fibquant:b=2,k=4,kb=2.5,vb=1.5,sinks=1,prerope=1",
     "one rate at >=5.5x": "fibquant:b=2.5,k=4,kb=3,vb=2,sinks=1,window=16,prerope=1",
     # attention cosine >= 0.99 at >= 4x: keys at 4 bits, centred and coded before RoPE (centring
@@ -140,6 +144,7 @@ def aggregate_targets(rows: list[dict], seeds: int) -> list[dict]:
                 "ppl_delta_seed_sd": statistics.stdev(seed_means) if len(seed_means) > 1 else 0.0,
                 "kl": statistics.fmean(r["kl"] for r in runs),
                 "kl_se": statistics.fmean(r["kl_se"] for r in runs) / math.sqrt(len(runs)),
+                "device": runs[0].get("device", ""),
             }
         )
     return out
@@ -168,6 +173,12 @@ def targets_markdown(agg: list[dict], base_ppl: float, cfg: FrontierConfig, seed
             f"| {target} | {method} | {r['compression_ratio']:.2f}x | {r['attn_cosine']:.4f} | "
             f"{r['ppl_delta']:+.3f} ± {r['ppl_delta_se']:.3f} | {r['ppl_delta_seed_sd']:.3f} | {r['kl']:.4f} |"
         )
+    devices = {r.get("device", "") for r in agg}
+    if len(devices) > 1:  # rows added with --only on another machine: same windows and seeds, fp32 both
+        lines += [""] + [
+            f"Measured on {dev}: " + ", ".join(r["target"] for r in agg if r.get("device", "") == dev) + "."
+            for dev in sorted(devices)
+        ]
     if long:
         lines += [
             "",
@@ -217,6 +228,11 @@ def main() -> int:
     ap.add_argument("--dump-ids", default=None, help="write the essays' token ids to this .npy and exit")
     ap.add_argument("--render", action="store_true", help="only re-render md/png from the JSON in --out")
     ap.add_argument("--candidates", default="", help='extra target rows, "spec;spec" or @file (one per line)')
+    ap.add_argument(
+        "--only",
+        default="",
+        help='targets phase: run only these target names ("name;name"), keeping the other rows of the JSON in --out',
+    )
     args = ap.parse_args()
     if args.smoke:
         args.context, args.frontier_windows, args.target_windows, args.seeds = 256, 2, 2, 2
@@ -244,10 +260,12 @@ def main() -> int:
     else:
         ids = torch.tensor(tok(load_text(), add_special_tokens=False).input_ids, dtype=torch.long)
     stem = "frontier-smollm2" + ("-smoke" if args.smoke else "")
-    data = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
+    here = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    data = {"device": here}
     prev = out / f"{stem}.json"
     if prev.exists() and args.phase != "both":
-        data = {**json.loads(prev.read_text()), **data}
+        # --only adds rows to a table measured elsewhere: the table keeps its device, each run says its own
+        data = {**json.loads(prev.read_text())} | ({} if args.only else data)
 
     def write() -> str:
         data["seconds"] = time.time() - t0
@@ -275,17 +293,39 @@ def main() -> int:
     # targets first: they carry the issue's claims; each phase is written as soon as it ends
     if args.phase in ("targets", "both"):
         cfg = FrontierConfig(context=args.context, windows=args.target_windows)
+        todo = list(dict.fromkeys(TARGETS.values()))
         runs: list[dict] = []
+        if args.only:
+            names = [x.strip() for x in args.only.split(";") if x.strip()]
+            unknown = [n for n in names if n not in TARGETS]
+            if unknown:
+                raise SystemExit(f"--only: unknown target {unknown[0]!r} (valid: {', '.join(TARGETS)})")
+            old = data.get("targets", {})
+            if old and (old.get("windows"), old.get("seeds")) != (cfg.windows, args.seeds):
+                raise SystemExit(
+                    f"--only: the JSON's targets used {old.get('windows')} windows x {old.get('seeds')} seeds; "
+                    f"pass --target-windows {old.get('windows')} --seeds {old.get('seeds')}"
+                )
+            todo = list(dict.fromkeys(TARGETS[n] for n in names))
+            mine = {_with_seed(spec, k) for spec in todo for k in range(args.seeds)}
+            runs = [r for r in old.get("runs", []) if r["method"] not in mine]
+        table_device = data["device"]
+        for r in runs:
+            r.setdefault("device", table_device)
         # one target (all its seeds) at a time, written after each: a run cut short by a time
         # limit keeps what it finished (captures repeat per group; cheap next to the methods)
-        for spec in dict.fromkeys(TARGETS.values()):
+        for spec in todo:
             specs = list(dict.fromkeys(_with_seed(spec, k) for k in range(args.seeds)))
             res = run_frontier(model, ids, specs, cfg, "smollm2-135m", progress=_progress(spec)).to_json()
-            runs += res["rows"]
+            runs += [{**r, "device": here} for r in res["rows"]]
+            base = res["baseline_ppl"]
+            if args.only and "baseline_ppl" in data.get("targets", {}):
+                print(f"baseline ppl here {base:.4f}, in the table {data['targets']['baseline_ppl']:.4f}")
+                base = data["targets"]["baseline_ppl"]
             data["targets"] = {
                 "windows": cfg.windows,
                 "seeds": args.seeds,
-                "baseline_ppl": res["baseline_ppl"],
+                "baseline_ppl": base,
                 "rows": aggregate_targets(runs, args.seeds),
                 "runs": runs,
             }

@@ -43,7 +43,13 @@ ROLES = ("key", "value")
 
 @torch.no_grad()
 def measure(
-    model, ids, layers: tuple[int, ...], codecs: list[str], cfg: FrontierConfig, progress=None
+    model,
+    ids,
+    layers: tuple[int, ...],
+    codecs: list[str],
+    cfg: FrontierConfig,
+    progress=None,
+    roles: tuple[str, ...] = ROLES,
 ) -> dict:
     """One capture per window; each row swaps one coded tensor into the cache, continues, restores.
 
@@ -56,7 +62,7 @@ def measure(
     built = {c: make_codec(c) for c in codecs}
     starts = window_starts(ids.numel(), cfg)
     q_pos = _query_positions(cfg.context, cfg.n_queries)
-    keys = [(c, role, li) for c in codecs for role in ROLES for li in layers]
+    keys = [(c, role, li) for c in codecs for role in roles for li in layers]
     acc: dict = {k: {"nll": [], "kl": [], "attn": AttnFidelity(), "err": 0.0, "norm": 0.0} for k in keys}
     base_nll, exact_kl = [], []
     bar = progress(len(starts) * (len(keys) + 2)) if progress else None
@@ -161,12 +167,14 @@ def markdown(data: dict, top: int = 8) -> str:
             "|---:|---:|---:|---:|---:|",
         ]
         by = {(r["role"], r["layer"]): r for r in data["rows"] if r["codec"] == c}
-        for li in data["layers"]:
-            k, v = by[("key", li)], by[("value", li)]
-            out.append(
-                f"| {li} | {k['kl']:.5f} | {k['ppl_delta']:+.3f} ± {k['ppl_delta_se']:.3f} | "
-                f"{v['kl']:.5f} | {v['ppl_delta']:+.3f} ± {v['ppl_delta_se']:.3f} |"
+
+        def cells(r: dict | None) -> str:
+            return (
+                "– | –" if r is None else f"{r['kl']:.5f} | {r['ppl_delta']:+.3f} ± {r['ppl_delta_se']:.3f}"
             )
+
+        for li in data["layers"]:
+            out.append(f"| {li} | {cells(by.get(('key', li)))} | {cells(by.get(('value', li)))} |")
         ranked = sorted(by.values(), key=lambda r: -r["kl"])
         total = sum(r["kl"] for r in ranked)
         head = ", ".join(f"{r['role'][0].upper()}{r['layer']} {r['kl']:.4f}" for r in ranked[:top])
@@ -192,6 +200,8 @@ def plot(data: dict, path: Path) -> None:
     for c in data["codecs"]:
         for role, mark in zip(ROLES, ("o-", "s--")):
             by = {r["layer"]: r["kl"] for r in data["rows"] if r["codec"] == c and r["role"] == role}
+            if not by:  # a --roles run
+                continue
             ax.plot(layers, [max(by[i], 1e-6) for i in layers], mark, label=f"{role}s: {c}")
     ax.set_yscale("log")
     ax.set_xlabel("layer (only this layer's keys or values coded)")
@@ -373,6 +383,11 @@ def main() -> int:
         help="low-rate codecs, 'spec;spec' (fibquant with b=, for --allocate's rate fit)",
     )
     ap.add_argument("--layers", default="", help="only these layers, e.g. 0-3,29 (default: all)")
+    ap.add_argument(
+        "--roles",
+        default="key,value",
+        help="code only these roles (e.g. key: a key-only option such as white= leaves values as they were)",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument(
         "--threads",
@@ -431,7 +446,10 @@ def main() -> int:
     layers = parse_layers(args.layers) if args.layers else tuple(range(n_layers))
     if layers[-1] >= n_layers:
         raise SpecError(f"--layers: layer {layers[-1]} is out of range (valid: 0-{n_layers - 1})")
-    data = measure(model, ids, layers, codecs, cfg, progress=_bar)
+    roles = tuple(r.strip() for r in args.roles.split(",") if r.strip())
+    if not roles or set(roles) - set(ROLES):
+        raise SpecError(f"--roles: give key, value or key,value (got {args.roles!r})")
+    data = measure(model, ids, layers, codecs, cfg, progress=_bar, roles=roles)
     data["seconds"] = time.time() - t0
     write_json(out / f"{STEM}.json", data)
     atomic_write(out / f"{STEM}.md", markdown(data))

@@ -110,8 +110,8 @@ def test_spec_errors_name_the_valid_range() -> None:
         make_codec("fibquant:b=2,k=4,white=-1")
     with pytest.raises(SpecError, match=r"wshrink must be in \(0, 10\]"):
         make_codec("turboquant:b=2,white=4,wshrink=0")
-    with pytest.raises(SpecError, match="white=4 is served by the frontier harness only"):
-        parse_cache_spec("fibquant:b=2,k=4,white=4")
+    with pytest.raises(SpecError, match=r"white .* must be in 0\.\.1024"):
+        parse_cache_spec("fibquant:b=2,k=4,white=2000")
 
 
 def test_frontier_keys_get_the_prompt_queries_turned_back_to_key_positions() -> None:

@@ -161,6 +161,7 @@ class CompressedCache(Cache):
                 c.check_dim(head_dim)
         policy = parsed.build_policy()
         bind_heads(policy, model)
+        white = parsed.key_transforms(len(windows))
         layers = [
             CompressedLayer(
                 i,
@@ -170,6 +171,7 @@ class CompressedCache(Cache):
                 window,
                 n_layers=len(windows),
                 low_codec=low_codec,
+                white=white[i],
             )
             for i, window in enumerate(windows)
         ]
@@ -235,6 +237,8 @@ class CompressedCache(Cache):
             if layer.comp is not None:
                 d, m = layer.comp.nbytes()
                 dense, meta = dense + d, meta + m
+            if layer.kt is not None:  # the fitted key basis (white=)
+                meta += layer.kt.nbytes()
             if layer.store is not None:  # the kernel store's capacity not yet filled is held too
                 packed += layer.store.slack_nbytes()
             baseline = (

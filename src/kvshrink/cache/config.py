@@ -123,6 +123,11 @@ class CacheSpec:
             out.append(built[str(cfg)])
         return out
 
+    def key_transforms(self, n_layers: int) -> list[tuple[int, float]]:
+        """``(rank, shrink)`` of each layer's query-aware key basis (rank 0: none), from ``white=``/``wshrink=``."""
+        configs = [self.codec] * n_layers if self.plan is None else self.plan.layer_configs(n_layers)
+        return [(int(getattr(c, "white", 0)), float(getattr(c, "wshrink", 0.1))) for c in configs]
+
     def build_low_codec(self) -> Codec | None:
         """The codec of low-precision runs, when the policy is a precision policy."""
         return None if self.low is None else _in_cache(self.low)
@@ -197,11 +202,6 @@ def parse_cache_spec(spec: str, **cache_options: Any) -> CacheSpec:
             f"{cfg.name}: prerope=1 is served by the frontier harness only; CompressedCache codes the keys "
             "it is given, after RoPE, so drop prerope=1 from cache specs"
         )
-    for cfg in (c for c in checked if getattr(c, "white", 0)):
-        raise SpecError(
-            f"{cfg.name}: white={cfg.white} is served by the frontier harness only; CompressedCache does not "
-            "yet fit the key transform to the prompt's queries, so drop white= from cache specs"
-        )
     cache = cache or CacheConfig()
     if cache_options:
         fields = {f.name for f in dataclasses.fields(CacheConfig)}
@@ -215,9 +215,10 @@ def parse_cache_spec(spec: str, **cache_options: Any) -> CacheSpec:
 
 
 def _in_cache(config: CodecConfig) -> Codec:
-    """Build a codec with its fp16 token ranges set to 0 (the cache window plays that role)."""
+    """Build a codec with its fp16 token ranges set to 0 (the cache window plays that role) and
+    no ``white`` (the layer holds its keys in the fitted basis itself, :mod:`.keyspace`)."""
     names = {f.name for f in dataclasses.fields(config)}
-    zeroed = {n: 0 for n in _FP16_RANGES if n in names}
+    zeroed = {n: 0 for n in (*_FP16_RANGES, "white") if n in names}
     return make_codec(str(dataclasses.replace(config, **zeroed)))
 
 

@@ -31,6 +31,7 @@ from .chunks import chunk_mask, read_chunks
 from .compact import compact, reclaimable
 from .compensation import Compensation
 from .config import CacheConfig
+from .keyspace import KeyTransform
 from .lut import LUT_MAX_ROWS
 from .observe import TILE, observe_slots
 from .pages import make_page_table, narrow
@@ -64,6 +65,7 @@ class CompressedLayer(CacheLayerMixin):
         sliding_window: int | None = None,
         n_layers: int = 1,
         low_codec: Codec | None = None,
+        white: tuple[int, float] = (0, 0.1),
     ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -85,6 +87,8 @@ class CompressedLayer(CacheLayerMixin):
         self._pending: tuple[torch.Tensor, torch.Tensor, int] | None = None
         self.pages = make_page_table(policy, layer_idx, codec, config.window)  # Quest/ArkVale pages
         self.store: PackedStore | None = None  # blocks in one tensor per field, for the decode kernel
+        self.white = white  # (rank, shrink) of the key basis fitted at the first forward (0: none)
+        self.kt: KeyTransform | None = None
 
     def __repr__(self) -> str:
         kind = f"sliding={self.sliding_window}" if self.is_sliding else "full"
@@ -132,6 +136,7 @@ class CompressedLayer(CacheLayerMixin):
         self.seen = self.step = 0
         self.blocks, self.window, self._pending = [], None, None
         self.low, self.comp = [], None
+        self.kt = None
         self.seen_valid = None
         self.store = None
         self.is_initialized = False
@@ -171,6 +176,8 @@ class CompressedLayer(CacheLayerMixin):
             self.store.index_rows(idx, self.blocks)
         if self.comp is not None:
             self.comp.index_rows(idx)
+        if self.kt is not None:
+            self.kt.index_rows(idx)
         assert self.seen_valid is not None
         self.seen_valid = self.seen_valid.index_select(0, idx)
         self.batch = idx.numel()
@@ -213,6 +220,10 @@ class CompressedLayer(CacheLayerMixin):
                 new_valid = mask2d[:, start : self.seen]
                 if bool(new_valid.all()):
                     new_valid = None
+        if self.white[0]:  # hold A·k, read with A⁻¹·q (.keyspace): same scores, error where q does not look
+            if self.kt is None:
+                self.kt = KeyTransform.fit(query, k_new, new_valid, *self.white)
+            k_new, query = self.kt.keys(k_new), self.kt.queries(query)
         pos = qcols.to(torch.int32).view(1, 1, nq)
         if new_valid is not None:
             pos = pos.expand(self.batch, 1, nq).masked_fill(~new_valid[:, None], -1)

@@ -42,10 +42,11 @@ def _second_moment(x: torch.Tensor, shrink: float) -> torch.Tensor:
 
 
 def fit(
-    queries: torch.Tensor, keys: torch.Tensor, rank: int, shrink: float
+    queries: torch.Tensor, keys: torch.Tensor, rank: int, shrink: float, dtype: torch.dtype = torch.float16
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(u [..., r, d], s [..., r])`` fp16 for queries ``[..., n, d]`` and keys ``[..., T, d]``
-    (same leading dims, e.g. ``[B, Hkv]``; a GQA group's queries stacked along ``n``)."""
+    """``(u [..., r, d], s [..., r])`` in ``dtype`` for queries ``[..., n, d]`` and keys ``[..., T, d]``
+    (same leading dims, e.g. ``[B, Hkv]``; a GQA group's queries stacked along ``n``). Rows of
+    zeros (padding) only scale a second moment, which the fit ignores (``shrink`` is relative)."""
     q, k = queries.to(torch.float64), keys.to(torch.float64)
     d = k.shape[-1]
     rank = min(rank, d)
@@ -58,7 +59,7 @@ def fit(
     pick = dev.abs().argsort(dim=-1, descending=True)[..., :rank]  # [..., r]
     u = torch.gather(vec, -1, pick.unsqueeze(-2).expand(*vec.shape[:-1], rank)).transpose(-1, -2)
     s = torch.gather(dev, -1, pick).clamp(-5.0, 8.0).exp() - 1.0  # s > -1 survives fp16
-    return u.to(torch.float16).contiguous(), s.to(torch.float16).contiguous()
+    return u.to(dtype).contiguous(), s.to(dtype).contiguous()
 
 
 def matrices(u: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
