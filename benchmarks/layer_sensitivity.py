@@ -12,6 +12,14 @@ running the model.
 
     PYTHONPATH=src python benchmarks/layer_sensitivity.py --out docs/results
     PYTHONPATH=src python benchmarks/layer_sensitivity.py --allocate --ratio 5.6 --ratio 7
+
+The ``white=4`` plans of ``frontier_smollm2.py`` (keys re-measured alone, values from the plain run)::
+
+    PYTHONPATH=src python benchmarks/layer_sensitivity.py --roles key --out /tmp/white \
+        --codecs "fibquant:b=1.5,k=4,sinks=1,prerope=1,white=4;fibquant:b=2.5,k=4,sinks=1,prerope=1,white=4"
+    PYTHONPATH=src python benchmarks/layer_sensitivity.py --allocate --ratio 5.6 --ratio 7.15 \
+        --sens docs/results/layer-sensitivity-smollm2.json,docs/results/layer-sensitivity-smollm2-white.json \
+        --template "fibquant:b=2,k=4,kb={kb},vb={vb},sinks=1,window=16,prerope=1,white=4"
 """
 
 from __future__ import annotations
@@ -404,6 +412,12 @@ def main() -> int:
     )
     ap.add_argument("--rates", default="1,1.5,2,2.5,3", help="--allocate: rates a tensor may get")
     ap.add_argument(
+        "--sens",
+        default="",
+        help="--allocate: sensitivity JSONs a,b (default: the one in --out); a later file's rows replace an "
+        "earlier one's, e.g. keys re-measured with white=4 over the plain run's values",
+    )
+    ap.add_argument(
         "--measure",
         default="",
         help="'spec;spec': run these (per-layer) specs through run_frontier on --windows windows of "
@@ -414,9 +428,14 @@ def main() -> int:
     out = Path(args.out)
     torch.set_num_threads(args.threads)
     if args.allocate:
-        data = json.loads((out / f"{STEM}.json").read_text())
+        paths = [Path(p) for p in args.sens.split(",") if p.strip()] or [out / f"{STEM}.json"]
+        data = json.loads(paths[0].read_text())
+        for extra in paths[1:]:  # a later file's rows override an earlier one's (same role, layer, rate)
+            more = json.loads(extra.read_text())
+            data["rows"] = data["rows"] + more["rows"]
+            data["codecs"] = list(dict.fromkeys(data["codecs"] + more["codecs"]))
         if data["layers"] != list(range(data["n_layers"])):
-            raise SpecError(f"{STEM}.json covers layers {data['layers']}; --allocate needs every layer")
+            raise SpecError(f"{paths[0]} covers layers {data['layers']}; --allocate needs every layer")
         sens = sensitivity(data)
         rates = tuple(sorted(float(r) for r in args.rates.split(",")))
         for ratio in args.ratio or [5.6, 7.0]:
