@@ -81,6 +81,10 @@ LEVELS = {
             "+fibquant:k=4,kb=2.5,vb=1+cache:window=0,block=32",
             f"layers:at=[{_KEYS12}],key=[fibquant:b=3,k=4]+layers:at=[0-1],value=[fibquant:b=1.5,k=4]"
             "+fibquant:k=4,kb=2.25,vb=1+cache:window=0,block=32",
+            # the first plan with keys in a basis fitted to the prompt's queries (white=4; a 12-case
+            # CPU screen at kb=2: 50% at 7.43x, and the uniform kb=2,vb=1 row 17% -> 33%)
+            f"layers:at=[{_KEYS}],key=[fibquant:b=3,k=4,white=4]+layers:at=[0-1],value=[fibquant:b=1.5,k=4,white=4]"
+            "+fibquant:k=4,kb=2.25,vb=1,white=4+cache:window=0,block=32",
         ],
     ),
 }
