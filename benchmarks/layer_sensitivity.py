@@ -453,6 +453,9 @@ def main() -> int:
         return measure_specs(args, out)
 
     codecs = [c.strip() for c in args.codecs.split(";") if c.strip()]
+    roles = tuple(r.strip() for r in args.roles.split(",") if r.strip())
+    if not roles or set(roles) - set(ROLES):
+        raise SpecError(f"--roles: give key, value or key,value (got {args.roles!r})")
     for c in codecs:  # fail before the model loads
         make_codec(c)
         _rate(c)
@@ -465,9 +468,6 @@ def main() -> int:
     layers = parse_layers(args.layers) if args.layers else tuple(range(n_layers))
     if layers[-1] >= n_layers:
         raise SpecError(f"--layers: layer {layers[-1]} is out of range (valid: 0-{n_layers - 1})")
-    roles = tuple(r.strip() for r in args.roles.split(",") if r.strip())
-    if not roles or set(roles) - set(ROLES):
-        raise SpecError(f"--roles: give key, value or key,value (got {args.roles!r})")
     data = measure(model, ids, layers, codecs, cfg, progress=_bar, roles=roles)
     data["seconds"] = time.time() - t0
     write_json(out / f"{STEM}.json", data)

@@ -96,7 +96,7 @@ def test_fit_gives_an_invertible_symmetric_positive_transform(seed: int, rank: i
     u, s = whiten.fit(q, k, rank, shrink)
     assert u.shape == (1, 1, rank, D) and s.shape == (1, 1, rank)
     assert bool((s.float() > -1).all())
-    a, a_inv = whiten.matrices(u, s)
+    a, a_inv = whiten.matrix(u, s), whiten.inverse(u, s)
     torch.testing.assert_close(a, a.transpose(-1, -2))
     assert float(torch.linalg.eigvalsh(a.double()).min()) > 0
     eye = torch.eye(D).expand_as(a)

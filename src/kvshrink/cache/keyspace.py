@@ -40,14 +40,11 @@ class KeyTransform:
     ) -> KeyTransform:
         """From ``query`` ``[B, Hq, Q, d]`` and ``keys`` ``[B, Hkv, T, d]`` of one forward (same
         columns, Q = T); ``valid`` ``[B, T]`` bool marks the columns that are not padding."""
-        b, hq, nq, d = query.shape
-        hkv = keys.shape[1]
         q, k = query.float(), keys.float()
         if valid is not None:
-            q = q * valid[:, None, -nq:, None]
+            q = q * valid[:, None, -q.shape[2] :, None]
             k = k * valid[:, None, -k.shape[2] :, None]
-        q = q.reshape(b, hkv, (hq // hkv) * nq, d)  # a GQA group's query heads side by side
-        u, s = whiten.fit(q, k, rank, shrink, dtype=torch.float32)
+        u, s = whiten.fit(whiten.group_queries(q, k.shape[1]), k, rank, shrink, dtype=torch.float32)
         return cls(u, s)
 
     def keys(self, k: torch.Tensor) -> torch.Tensor:
@@ -57,12 +54,10 @@ class KeyTransform:
 
     def queries(self, q: torch.Tensor) -> torch.Tensor:
         """``A⁻¹·q`` for ``[B, Hq, Q, d]`` (query head ``h`` reads KV head ``h // (Hq/Hkv)``)."""
-        b, hq, nq, d = q.shape
-        hkv = self.u.shape[1]
-        qf = q.float().reshape(b, hkv, (hq // hkv) * nq, d)
+        qf = whiten.group_queries(q.float(), self.u.shape[1])
         t = self.s / (1.0 + self.s)
         out = qf - ((qf @ self.u.transpose(-1, -2)) * t.unsqueeze(-2)) @ self.u
-        return out.reshape(b, hq, nq, d).to(q.dtype)
+        return out.reshape(q.shape).to(q.dtype)
 
     def index_rows(self, idx: torch.Tensor) -> None:
         self.u, self.s = self.u.index_select(0, idx), self.s.index_select(0, idx)

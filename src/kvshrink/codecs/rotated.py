@@ -243,7 +243,7 @@ class RotatedCodec(Codec):
         if queries is not None:  # code A·k (primitives.whiten); the transform is stored and counted
             u, sv = whiten.fit(queries, r if tc else x, c.white, c.wshrink)
             tensors["wu"], tensors["ws"] = u, sv
-            r = whiten.apply(whiten.matrices(u, sv)[0], r)
+            r = whiten.apply(whiten.matrix(u, sv), r)
         mean = None
         if c.center and role == "key":
             mean = r.mean(dim=-2, keepdim=True) if tc else torch.zeros(*lead, 1, d, device=x.device)
@@ -313,7 +313,7 @@ class RotatedCodec(Codec):
                 raise InputError(
                     f"{packed.spec}: keys coded with white= decode in the original basis only (decode, not decode_rotated)"
                 )
-            white = whiten.matrices(tz["wu"], tz["ws"])[1]
+            white = whiten.inverse(tz["wu"], tz["ws"])
         if rows is None and s == 0 and tc == t:  # all tokens coded (the cache's blocks): no scatter
             y = self._coded(packed, None)
             mean = tz.get("mean")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..codecs import Codec, make_codec
+from ..codecs.primitives import whiten
 from ..core.errors import SpecError
 from ..core.spec import parse_stage, split_stages
 from .capture import LayerCapture, apply_rope
@@ -32,7 +33,6 @@ def key_queries(layer: LayerCapture, prerope: bool, reps: int = 4) -> torch.Tens
     query heads stacked; for keys coded before RoPE, each query at position m turned back by
     RoPE to ``reps`` key positions drawn uniformly (seeded) from 0..m, since ``q·R_n k = (R_nᵀ q)·k``."""
     q = layer.q.to(torch.float32)
-    b, hq, n, d = q.shape
     if prerope:
         if layer.cos is None or layer.rope_fn is None:
             raise SpecError("white= with prerope=1 needs the RoPE tables, which this model does not expose")
@@ -45,9 +45,7 @@ def key_queries(layer: LayerCapture, prerope: bool, reps: int = 4) -> torch.Tens
         )
         cos, sin = layer.cos[:, kpos].to(torch.float32), layer.sin[:, kpos].to(torch.float32)
         q = apply_rope(q.repeat(1, 1, reps, 1), cos, -sin, layer.rope_fn)  # Rᵀ: the angle negated
-        n *= reps
-    hkv = layer.k.shape[1]
-    return q.reshape(b, hkv, (hq // hkv) * n, d)
+    return whiten.group_queries(q, layer.k.shape[1])
 
 
 def code_keys(codec: Codec, layer: LayerCapture) -> tuple[torch.Tensor, int]:

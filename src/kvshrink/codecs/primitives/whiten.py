@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["apply", "fit", "matrices"]
+__all__ = ["apply", "fit", "group_queries", "inverse", "matrix"]
 
 
 def _msqrt(s: torch.Tensor, p: float = 0.5) -> torch.Tensor:
@@ -62,12 +62,29 @@ def fit(
     return u.to(dtype).contiguous(), s.to(dtype).contiguous()
 
 
-def matrices(u: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense ``(A, A⁻¹)`` float32 ``[..., d, d]`` from the stored ``u``/``s`` (inverse in float64)."""
+def _dense(u: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``A = I + Uᵀdiag(s)U`` in float64 from the stored (rounded) ``u``/``s``."""
     u64, s64 = u.to(torch.float64), s.to(torch.float64)
-    d = u.shape[-1]
-    a = torch.eye(d, dtype=torch.float64, device=u.device) + (u64.transpose(-1, -2) * s64.unsqueeze(-2)) @ u64
-    return a.to(torch.float32), torch.linalg.inv(a).to(torch.float32)
+    eye = torch.eye(u.shape[-1], dtype=torch.float64, device=u.device)
+    return eye + (u64.transpose(-1, -2) * s64.unsqueeze(-2)) @ u64
+
+
+def matrix(u: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Dense ``A`` float32 ``[..., d, d]`` (what encode applies)."""
+    return _dense(u, s).to(torch.float32)
+
+
+def inverse(u: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Dense ``A⁻¹`` float32 ``[..., d, d]``, inverted in float64 (what decode applies): the exact
+    inverse of the stored A, which rounded ``u`` no longer makes ``I - Uᵀdiag(s/(1+s))U``."""
+    return torch.linalg.inv(_dense(u, s)).to(torch.float32)
+
+
+def group_queries(q: torch.Tensor, hkv: int) -> torch.Tensor:
+    """``[B, Hq, n, d]`` -> ``[B, Hkv, (Hq/Hkv)·n, d]``: the query heads that read one KV head
+    (head ``h`` reads KV head ``h // (Hq/Hkv)``, transformers' GQA layout) side by side."""
+    b, hq, n, d = q.shape
+    return q.reshape(b, hkv, (hq // hkv) * n, d)
 
 
 def apply(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
