@@ -25,6 +25,7 @@ The ``white=4`` plans of ``frontier_smollm2.py`` (keys re-measured alone, values
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -224,14 +225,15 @@ def plot(data: dict, path: Path) -> None:
 # -- allocation ------------------------------------------------------------------------------
 
 
-def sensitivity(data: dict) -> dict[tuple[str, int], tuple[float, float]]:
-    """Per (role, layer): KL at the lowest measured rate, and its decay per extra bit.
+def sensitivity(data: dict) -> dict[tuple[str, int], tuple[tuple[float, ...], tuple[float, ...]]]:
+    """Per (role, layer): a KL-vs-rate curve, ``(rates, log2 KL)`` at every measured rate.
 
-    Why a decay: high-rate quantization error falls as 2^(-2b), and KL is quadratic in small
-    logit errors, so KL(b) ≈ s·2^(-2b). Two measured rates give the exponent per tensor
-    (clamped to [1, 3] against noise); one rate assumes 2.
+    Why this shape: high-rate quantization error falls as 2^(-2b), and KL is quadratic in small
+    logit errors, so KL(b) ≈ s·2^(-slope·b) with slope near 2. Between measured rates the curve
+    is log-linear with each segment's decay clamped to [1, 3] bits of log2 KL per bit (against
+    noise: a tensor the model ignores can measure higher KL at a higher rate); outside them it
+    goes on with the end segment's decay; one measured rate assumes 2.
     """
-    rates = sorted({_rate(c) for c in data["codecs"]})
     out = {}
     for role in ROLES:
         for li in range(data["n_layers"]):
@@ -240,10 +242,23 @@ def sensitivity(data: dict) -> dict[tuple[str, int], tuple[float, float]]:
                 for r in data["rows"]
                 if r["role"] == role and r["layer"] == li
             }
-            lo, hi = rates[0], rates[-1]
-            slope = 2.0 if lo == hi else math.log2(kl[lo] / kl[hi]) / (hi - lo)
-            out[(role, li)] = (kl[lo] * 2.0 ** (slope * lo), min(max(slope, 1.0), 3.0))
+            rates = sorted(kl)
+            logs = [math.log2(kl[rates[0]])]
+            for a, b in itertools.pairwise(rates):
+                slope = (math.log2(kl[a]) - math.log2(kl[b])) / (b - a)
+                logs.append(logs[-1] - min(max(slope, 1.0), 3.0) * (b - a))
+            out[(role, li)] = (tuple(rates), tuple(logs))
     return out
+
+
+def curve_kl(curve: tuple[tuple[float, ...], tuple[float, ...]], b: float) -> float:
+    """KL at rate ``b`` on a :func:`sensitivity` curve (log-linear, extended at the ends)."""
+    rates, logs = curve
+    if len(rates) == 1:
+        return 2.0 ** (logs[0] - 2.0 * (b - rates[0]))
+    i = min(max(sum(r <= b for r in rates) - 1, 0), len(rates) - 2)  # segment [i, i+1]
+    slope = (logs[i] - logs[i + 1]) / (rates[i + 1] - rates[i])
+    return 2.0 ** (logs[i] - slope * (b - rates[i]))
 
 
 def _rate(codec: str) -> float:
@@ -263,8 +278,7 @@ def allocate(sens: dict, avg_bits: float, rates: tuple[float, ...]) -> dict[tupl
     budget = avg_bits * len(sens) - rates[0] * len(sens)
 
     def kl(t, b):
-        s, slope = sens[t]
-        return s * 2.0 ** (-slope * b)
+        return curve_kl(sens[t], b)
 
     while True:
         best, gain = None, 0.0
@@ -302,14 +316,15 @@ def alloc_spec(alloc: dict, n_layers: int, template: str) -> str:
 def code_bits(ratio: float, template: str, d: int, context: int) -> float:
     """Average code bits per coordinate that give ``ratio`` vs fp16 with the template's fp16 tokens.
 
-    A coded vector holds codes plus an fp16 norm (16/d bits per coordinate); ``sinks + window``
-    tokens of each ``context`` stay fp16. Shared codebooks (~1%) are left to the measurement.
+    A coded vector holds codes plus its norm (``normbits``/d bits per coordinate: 16 for fp16, 8
+    for the log code); ``sinks + window`` tokens of each ``context`` stay fp16. Shared codebooks
+    (~1%) are left to the measurement.
     """
     from kvshrink.core.spec import parse_stage
 
     opts = dict(parse_stage(template.format(kb=2, vb=2)).options)
     f = (int(opts.get("sinks", 0)) + int(opts.get("window", 0))) / context
-    return (16 / ratio - 16 * f) / (1 - f) - 16 / d
+    return (16 / ratio - 16 * f) / (1 - f) - int(opts.get("normbits", 16)) / d
 
 
 def alloc_markdown(data: dict) -> str:
@@ -442,7 +457,7 @@ def main() -> int:
             avg = code_bits(ratio, args.template, 64, data["context"])
             alloc = allocate(sens, avg, rates)
             spec = alloc_spec(alloc, data["n_layers"], args.template)
-            pred = sum(s * 2.0 ** (-sl * alloc[t]) for t, (s, sl) in sens.items())
+            pred = sum(curve_kl(c, alloc[t]) for t, c in sens.items())
             print(f"# ~{ratio}x: {avg:.3f} bits/coordinate, predicted summed KL {pred:.4f}\n{spec}")
         return 0
     from kvshrink.data import load_text
