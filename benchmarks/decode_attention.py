@@ -649,6 +649,44 @@ def time_sdpa(timer: Timer, q4: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor
     return name, timer(sdpa)
 
 
+def _extra_sections(result: dict) -> list[str]:
+    """The fused-encode and transformers-QuantizedCache stages of the run, when they ran."""
+    lines: list[str] = []
+    enc = result.get("encode")
+    if isinstance(enc, dict) and enc.get("rows"):
+        lines += [
+            "",
+            f"## Fused encode of a {enc['prefill_tokens']}-token prefill (K and V, B=1)",
+            "",
+            f"Causal SDPA prefill attention: {enc['prefill_attention_ms']:.2f} ms (target: encode <= 10% of it).",
+            "",
+            "| method | nearest-codeword search | encode ms | % of prefill attention | one token, B=8 (µs) |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for r in enc["rows"]:
+            lines.append(
+                f"| {r['method']} | {r['search']} | {r['encode_ms']:.3f} | {r['pct_of_prefill']:.1f} | "
+                f"{r['single_token_B8_ms'] * 1e3:.1f} |"
+            )
+    qt = result.get("quanto")
+    if isinstance(qt, dict):
+        lines += ["", "## transformers' QuantizedCache (quanto), one decode step: update + SDPA", ""]
+        if qt.get("rows"):
+            sdpa = {(r["B"], r["L"]): r["ms"] for r in result["rows"] if r["method"] == "sdpa-fp16"}
+            lines += ["| B | L | method | µs | × SDPA |", "|---|---|---|---:|---:|"]
+            for r in qt["rows"]:
+                if "ms" not in r:
+                    continue
+                ref = sdpa.get((r["B"], r["L"]))
+                ratio = f"{ref / r['ms']:.2f}" if ref else "–"
+                lines.append(f"| {r['B']} | {r['L']} | {r['method']} | {r['ms'] * 1e3:.1f} | {ratio} |")
+            if qt.get("note"):
+                lines += ["", qt["note"]]
+        else:
+            lines.append(str(qt.get("status", "not run")))
+    return lines
+
+
 def write(out_dir: str, stem: str, result: dict) -> None:
     """JSON, Markdown table and PNG, each written atomically."""
     atomic_write(os.path.join(out_dir, f"{stem}.json"), json.dumps(result, indent=1))
@@ -666,6 +704,7 @@ def write(out_dir: str, stem: str, result: dict) -> None:
             f"| {r['B']} | {r['L']} | {r['method']} | {r['ms'] * 1e3:.1f} | {r['speedup_vs_sdpa']:.2f} | "
             f"{r['pct_of_floor']:.0f} |"
         )
+    lines += _extra_sections(result)
     atomic_write(os.path.join(out_dir, f"{stem}.md"), "\n".join(lines) + "\n")
     try:
         import matplotlib

@@ -92,12 +92,19 @@ def gather_ok(lay: CodeLayout) -> bool:
 
 
 def sub_measured_faster(lay: CodeLayout) -> bool:
-    """Where the sub-stream kernel beat the stream-major one in the H100 sweep.
+    """Where the sub-stream kernel beat the stream-major one in the H100 sweeps.
 
-    int4/int8 gain (411 vs 471 us at B=8, L=32k); KIVI (its keys need BT = group = 32) and
-    TurboQuant lose (b=2: 523 vs 468 us, b=3/4 by more), so they keep the general kernel.
+    int4/int8 gain (411 vs 471 us at B=8, L=32k); KIVI (its keys need BT = group = 32) loses.
+    TurboQuant b=2 and b=4 lose with the plain lookups (b=2: 523 vs 468 us) but win with the
+    PTX lookups of ``magic.py`` (2026-12-07 sweep: b=2 322 vs 469 us, b=4 368 vs 491 us), which
+    :func:`magic_measured_faster` turns on for them; b=3 loses either way (599 vs 1101 us).
     """
-    return lay.kind == "token" and not lay.has_min
+    return (lay.kind == "token" and not lay.has_min) or _tq_lut(lay)
+
+
+def _tq_lut(lay: CodeLayout) -> bool:
+    """A 4- or 16-level scalar codebook (TurboQuant b=2, b=4): the layouts with PTX lookups."""
+    return lay.kind == "vq" and lay.vec == 1 and lay.levels in (4, 16)
 
 
 def prefetch_measured_faster(lk: CodeLayout) -> bool:
@@ -166,11 +173,13 @@ def sub_args(lay: CodeLayout, d: int, select: bool) -> tuple:
 def magic_measured_faster(lk: CodeLayout) -> bool:
     """Where the PTX unpack of ``magic.py`` measured faster than the plain path on a GPU.
 
-    H100, B=8, L=32k (``docs/results/decode-attention-sweep-h100.json``): int4 (scale per 32
-    channels) 251 -> 187 us, 2.0x fp16 SDPA (376 us). Other layouts are not timed yet (the
-    TurboQuant lookups were right in that run's checks but the timing failed on a host copy
-    during graph capture, fixed since), so they keep the plain path."""
-    return lk.kind == "token" and lk.bits == 4 and not lk.has_min
+    H100, B=8, L=32k (``docs/results/decode-attention-h100.json``, 2026-12-07 sweep, same run):
+    int4 (scale per 32 channels) 187 us either way at BT=128, 176 us at BT=64; int8 279 -> 222 us;
+    TurboQuant b=2 469 -> 322 us and b=4 491 -> 368 us (with the sub-stream kernel). KIVI
+    (967 vs 474 us), TurboQuant b=3 (1101 vs 599 us) and FibQuant (no change) keep the plain
+    path. The PTX dequantizes in fp16 (one more rounding than the plain path): within 1e-3
+    relative of the fp32 reference on the GPU checks."""
+    return (lk.kind == "token" and lk.bits in (4, 8) and not lk.has_min) or _tq_lut(lk)
 
 
 def magic_args(
