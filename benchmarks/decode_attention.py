@@ -694,7 +694,8 @@ def write(out_dir: str, stem: str, result: dict) -> None:
         f"# Decode attention over packed caches: {result['device']}",
         "",
         f"Copy bandwidth {result['copy_bandwidth_TBps']:.2f} TB/s; SDPA backend {result['sdpa_backend']}; "
-        f"{result['timing']}. Hq=32, Hkv=8, d=128, newest {WIN} tokens fp16.",
+        f"{result['timing']}. Hq=32, Hkv=8, d=128, newest {WIN} tokens fp16."
+        + (f" Launch configs: {result['configs']}." if result.get("configs") else ""),
         "",
         "| B | L | method | µs | × SDPA | % of byte floor |",
         "|---|---|---|---|---|---|",
