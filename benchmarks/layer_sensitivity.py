@@ -20,6 +20,18 @@ The ``white=4`` plans of ``frontier_smollm2.py`` (keys re-measured alone, values
     PYTHONPATH=src python benchmarks/layer_sensitivity.py --allocate --ratio 5.6 --ratio 7.15 \
         --sens docs/results/layer-sensitivity-smollm2.json,docs/results/layer-sensitivity-smollm2-white.json \
         --template "fibquant:b=2,k=4,kb={kb},vb={vb},sinks=1,window=16,prerope=1,white=4"
+
+The ``normbits=8`` plan (keys with white=4 and values plain re-measured at 3.5 bits, one run per
+role, joined into ``layer-sensitivity-smollm2-35.json``; the 3.5-bit codebook's 256 KB is counted,
+so it is allocated at 5.79x to land at 5.5x)::
+
+    PYTHONPATH=src python benchmarks/layer_sensitivity.py --roles key --out /tmp/k35 \
+        --codecs "fibquant:b=3.5,k=4,sinks=1,prerope=1,white=4"
+    PYTHONPATH=src python benchmarks/layer_sensitivity.py --roles value --out /tmp/v35 \
+        --codecs "fibquant:b=3.5,k=4,sinks=1,prerope=1"
+    PYTHONPATH=src python benchmarks/layer_sensitivity.py --allocate --ratio 5.79 --rates 1,1.5,2,2.5,3,3.5 \
+        --sens docs/results/layer-sensitivity-smollm2.json,docs/results/layer-sensitivity-smollm2-white.json,docs/results/layer-sensitivity-smollm2-35.json \
+        --template "fibquant:b=2,k=4,kb={kb},vb={vb},sinks=1,window=16,prerope=1,white=4,normbits=8"
 """
 
 from __future__ import annotations
