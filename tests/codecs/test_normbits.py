@@ -13,6 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvshrink.cache.store import kernel_unsupported
 from kvshrink.codecs import make_codec
 from kvshrink.codecs.rotated import decode_lnorm, encode_lnorm
 from kvshrink.core import InputError, SpecError
@@ -67,6 +68,8 @@ def test_kernels_refuse_log_coded_norms() -> None:
     c = make_codec("turboquant:b=4,normbits=8")
     p = c.encode(torch.randn(1, 2, 64, 128), "key")
     why = packed_unsupported(p, layout_of(c, "key", 128), 128)
+    assert why is not None and "lnorm" in why
+    why = kernel_unsupported(c, 128, 64, torch.float16)  # what CompressedCache asks first
     assert why is not None and "lnorm" in why
 
 

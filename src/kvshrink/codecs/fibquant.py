@@ -10,8 +10,8 @@ Spec: ``fibquant:b=2,k=4`` (N = 2^(k·b) must be an integer) or ``fibquant:k=6,n
 directly, N not a power of two packs with mixed radix). Options: ``seed``, ``rot=haar|hadamard``,
 ``lloyd=1|0`` (0: the unrefined radial–angular start, an ablation), ``dirs=fib|random``,
 ``pad=1`` (zero-pad the rotated vector when k does not divide d), and beyond the paper ``kb``/``vb``
-(key/value rates, each with its own codebook), ``center``, ``sinks``, ``window``, ``white``
-(see :mod:`.rotated`, which also documents the packed layout).
+(key/value rates, each with its own codebook), ``center``, ``sinks``, ``window``, ``white``,
+``normbits`` (see :mod:`.rotated`, which also documents the packed layout).
 
 Canonical spec: a power-of-two N whose rate has ≤ 6 decimals prints as ``b``, any other N as
 ``n``, so ``fibquant:k=4,n=256`` and ``fibquant:b=2,k=4`` are the same codec and print the same.

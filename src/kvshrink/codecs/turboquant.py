@@ -11,7 +11,7 @@ residual r = y - ŷ (S a seeded Gaussian d×d, ‖r‖ in fp16), decoded as
 1-D), at the price of more variance; ports report it hurts keys end to end, so it is opt-in.
 
 Spec: ``turboquant:b=2`` with options ``seed``, ``rot=haar|hadamard``, ``qjl``, ``kb``/``vb``
-(key/value bits overriding b), ``center``, ``sinks``, ``window``, ``white`` (see :mod:`.rotated`).
+(key/value bits overriding b), ``center``, ``sinks``, ``window``, ``white``, ``normbits`` (see :mod:`.rotated`).
 Extra tensors with ``qjl=1``: ``qjl`` uint8 ``[..., Tc, ceil(d/8)]`` (sign bits, pack_rows at
 1 bit, bit set = +1) and ``rnorm`` fp16 ``[..., Tc]``.
 """
