@@ -244,6 +244,16 @@ def render(data: dict, out: Path, stem: str = STEM) -> str:
     return md
 
 
+def _load(args, methods: list) -> tuple:
+    """Model on its device (each method checked against it first), chat prompt and haystack."""
+    model, tok = load_model(args.model)
+    model.to(args.device)
+    for m in methods:
+        if hasattr(m, "check"):
+            m.check(model)
+    return model, tok, ChatPrompt.from_tokenizer(tok), Haystack(load_text(args.text), tokenizer_counter(tok))
+
+
 def add_rows(args, out: Path, stem: str) -> int:
     """Measure new candidates on the very cases of a saved run and merge their rows into it.
 
@@ -259,13 +269,7 @@ def add_rows(args, out: Path, stem: str) -> int:
     specs = [build_longbench_method(x.strip()) for x in args.add.split(";") if x.strip()]
     names = [m.name for m in specs]
     tasks = [make_task(t) for t in data["tasks"]]
-    model, tok = load_model(args.model)
-    model.to(args.device)
-    for m in specs:
-        if hasattr(m, "check"):
-            m.check(model)
-    prompt = ChatPrompt.from_tokenizer(tok)
-    hay = Haystack(load_text(args.text), tokenizer_counter(tok))
+    model, tok, prompt, hay = _load(args, specs)
     lengths = sorted({(r["task"], r["length"]) for r in data["rows"]})
     n = int(data["cases"])
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
@@ -371,13 +375,7 @@ def main() -> int:
     methods = [build_longbench_method(s) for s in specs]
     tasks = [make_task(t) for t in task_specs.split(";")]
     t0 = time.time()
-    model, tok = load_model(args.model)
-    model.to(args.device)
-    for m in methods:
-        if hasattr(m, "check"):
-            m.check(model)
-    prompt = ChatPrompt.from_tokenizer(tok)
-    hay = Haystack(load_text(args.text), tokenizer_counter(tok))
+    model, tok, prompt, hay = _load(args, methods)
     lengths = {t.spec: override or TARGETS.get(t.spec, (1024,)) for t in tasks}
     blocks = [(t, n, t.cases(hay, n, cases_n)) for t in tasks for n in lengths[t.spec]]
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
