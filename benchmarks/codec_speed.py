@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -267,4 +268,6 @@ def _write(result: dict[str, object], stem: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from kvshrink.cli.common import run_cli
+
+    sys.exit(run_cli(main))

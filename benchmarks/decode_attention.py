@@ -742,4 +742,6 @@ def write(out_dir: str, stem: str, result: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kvshrink.cli.common import run_cli
+
+    sys.exit(run_cli(main))

@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -248,4 +249,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from kvshrink.cli.common import run_cli
+
+    sys.exit(run_cli(main))

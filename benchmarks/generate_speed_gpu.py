@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -270,4 +271,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from kvshrink.cli.common import run_cli
+
+    sys.exit(run_cli(main))

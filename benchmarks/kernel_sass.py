@@ -212,4 +212,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from kvshrink.cli.common import run_cli
+
+    sys.exit(run_cli(main))

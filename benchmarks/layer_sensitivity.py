@@ -505,4 +505,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from kvshrink.cli.common import run_cli
+
+    sys.exit(run_cli(main))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from . import frontier, longbench
-from .common import Parser, fail
+from .common import Parser, fail, run_cli
 
 __all__ = ["main"]
 
@@ -23,15 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         fail(f"no command given; valid commands: {', '.join(sub.choices)}")
-    from ..core.errors import KvshrinkError
-
-    try:
-        return args.func(args)
-    except KvshrinkError as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        print("kvshrink: interrupted", file=sys.stderr)
-        return 130
+    return run_cli(lambda: args.func(args))
 
 
 if __name__ == "__main__":
