@@ -38,6 +38,7 @@ from .config import CacheSpec, parse_cache_spec
 from .heads import bind_heads
 from .install import ATTENTION, announce, install, layer_windows, uninstall
 from .layer import CompressedLayer
+from .segment import column_bytes, shares_columns
 
 __all__ = ["CompressedCache", "LayerBytes", "MemoryReport"]
 
@@ -224,6 +225,7 @@ class CompressedCache(Cache):
     def memory_report(self) -> MemoryReport:
         """Per-layer bytes held and their fp16 ``DynamicCache`` equivalent."""
         rows = []
+        cols = 0  # columns of the shared position buffer this cache's packed segments view
         for layer in self.layers:
             assert isinstance(layer, CompressedLayer)
             seen_ids: set[int] = set()
@@ -232,6 +234,8 @@ class CompressedCache(Cache):
             for seg in layer.segments():
                 p, d, m = seg.nbytes(seen_ids)
                 packed, dense, meta = packed + p, dense + d, meta + m
+                if shares_columns(seg.pos):
+                    cols = max(cols, seg.c0 + seg.size if seg.c0 is not None else layer.seen)
                 if layer.is_initialized:
                     live += float((seg.full_pos(layer.batch, layer.heads) >= 0).sum(-1).float().mean())
             if layer.comp is not None:
@@ -276,7 +280,7 @@ class CompressedCache(Cache):
         for codec in (*self.codecs, self.low_codec):
             if codec is not None:
                 parts.update(shared_parts(codec, self.head_dim))
-        shared = sum(parts.values())
+        shared = sum(parts.values()) + column_bytes(cols)
         return MemoryReport(self.spec, tuple(rows), shared)
 
     def nbytes(self) -> int:

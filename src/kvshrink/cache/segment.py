@@ -12,15 +12,27 @@ reordering is a permutation of the row list, never a lossy re-encode.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 
 from ..codecs import Codec, Packed
 
-__all__ = ["Segment", "bounds", "cat_dense", "decode_packed_group", "encode_segment"]
+__all__ = [
+    "Segment",
+    "bounds",
+    "cat_dense",
+    "column_bytes",
+    "columns",
+    "decode_packed_group",
+    "encode_segment",
+    "held_pos",
+    "shares_columns",
+]
 
 _NONE = sys.maxsize  # lower bound of a segment without live slots: "in the future", never attended
 
@@ -33,6 +45,43 @@ def bounds(pos: torch.Tensor) -> tuple[int, int, bool]:
     hi = int(pos.max())
     lo = int(pos.masked_fill(~live, torch.iinfo(pos.dtype).max).min())
     return lo, hi, bool(live.all())
+
+
+# One int32 arange per device that every contiguous packed segment views for its positions.
+# Without it each layer holds 4 bytes per token of positions that are just c0..c0+T-1: at 8x
+# that was 4.5% of a SmolLM2 cache (88 bytes of codes per token and layer). Buffers only grow
+# (doubling); older ones stay listed so their views are still recognised as shared.
+_COLUMNS: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def columns(c0: int, t: int, device: torch.device) -> torch.Tensor:
+    """``[1, 1, t]`` int32 view of columns ``c0 .. c0+t-1`` into the device's shared arange.
+
+    Views must never be written (every writer of ``pos`` builds a new tensor)."""
+    bufs = _COLUMNS.setdefault(torch.device(device), [])
+    if not bufs or bufs[-1].numel() < c0 + t:
+        n = max(c0 + t, 2 * bufs[-1].numel() if bufs else 4096)
+        bufs.append(torch.arange(n, dtype=torch.int32, device=device))
+    return bufs[-1][c0 : c0 + t].view(1, 1, t)
+
+
+def shares_columns(pos: torch.Tensor) -> bool:
+    """Whether ``pos`` is a view of a shared column buffer (its bytes counted once per cache)."""
+    ptr = pos.untyped_storage().data_ptr()
+    return any(ptr == b.untyped_storage().data_ptr() for b in _COLUMNS.get(pos.device, ()))
+
+
+def column_bytes(n: int) -> int:
+    """Bytes a cache whose rows have seen ``n`` columns accounts for the shared buffer."""
+    return 4 * n
+
+
+def held_pos(seg: Segment) -> torch.Tensor:
+    """The positions a segment keeps once packed: a shared view when they are ``c0 + i`` for
+    every slot (no eviction, no padding), else an own compact copy."""
+    if seg.c0 is not None and seg.full and seg.pos.shape[:2] == (1, 1):
+        return columns(seg.c0, seg.size, seg.pos.device)
+    return seg.pos.contiguous().clone()
 
 
 @dataclass
@@ -120,8 +169,19 @@ class Segment:
                 seen.add(id(p))
                 packed += p.nbytes()
         dense = sum(t.numel() * t.element_size() for t in (self.k, self.v) if t is not None)
-        meta = sum(t.numel() * t.element_size() for t in (self.pos, self.acc) if t is not None)
+        held = [self.acc] if shares_columns(self.pos) else [self.pos, self.acc]
+        meta = sum(t.numel() * t.element_size() for t in held if t is not None)
         return packed, dense, meta
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Segment:
+        # a shared column view stays shared (deepcopy would copy the whole buffer per cache)
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for f in fields(self):
+            v = getattr(self, f.name)
+            keep = f.name == "pos" and shares_columns(v)
+            setattr(new, f.name, v if keep else copy.deepcopy(v, memo))
+        return new
 
     def index_rows(self, idx: torch.Tensor) -> None:
         """Keep batch rows ``idx`` (beam reorder, selection, repetition)."""
@@ -187,7 +247,7 @@ def encode_segment(codec: Codec, seg: Segment) -> Segment:
     assert seg.k is not None and seg.v is not None
     keys = [codec.encode(x, "key") for x in seg.k.unbind(0)]
     values = [codec.encode(x, "value") for x in seg.v.unbind(0)]
-    pos = seg.pos.contiguous().clone()
+    pos = held_pos(seg)
     acc = None if seg.acc is None else seg.acc.contiguous().clone()
     return replace(seg, pos=pos, acc=acc, keys=keys, values=values, k=None, v=None)
 

@@ -32,7 +32,7 @@ from ..core.errors import InputError, KvshrinkError
 from ..kernels.layout import layout_of, packed_unsupported
 from ..policies import Policy
 from .config import CacheConfig
-from .segment import Segment
+from .segment import Segment, held_pos
 
 __all__ = ["KERNEL_MODES", "PackedStore", "kernel_unsupported", "make_store"]
 
@@ -173,7 +173,7 @@ class PackedStore:
         out, a = [], self.n
         for p in pieces:
             keys, values = self._views(a, a + p.size)
-            pos = p.pos.contiguous().clone()
+            pos = held_pos(p)
             out.append(replace(p, pos=pos, acc=None, keys=keys, values=values, k=None, v=None))
             a += p.size
         self.n += t
