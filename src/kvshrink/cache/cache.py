@@ -235,7 +235,7 @@ class CompressedCache(Cache):
                 p, d, m = seg.nbytes(seen_ids)
                 packed, dense, meta = packed + p, dense + d, meta + m
                 if shares_columns(seg.pos):
-                    cols = max(cols, seg.c0 + seg.size if seg.c0 is not None else layer.seen)
+                    cols = max(cols, seg.hi + 1)  # shared only when full and contiguous
                 if layer.is_initialized:
                     live += float((seg.full_pos(layer.batch, layer.heads) >= 0).sum(-1).float().mean())
             if layer.comp is not None:
