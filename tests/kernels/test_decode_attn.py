@@ -112,7 +112,7 @@ def test_decode_attention_triton_prefetch(name: str) -> None:
     pytest.importorskip("triton")
     codec = CODECS[name]()
     q, pk, pv, lengths, window = _case(codec, seed=11)
-    cfg = {"sub": False, "prefetch": True, "BT": 32}
+    cfg = {"sub": False, "prefetch": True, "BT": 32, "vq": False}
     out = decode_attention(q, pk, pv, lengths, window, codec=codec, backend="triton", config=cfg)
     assert_close_to_reference(out, q, pk, pv, lengths, window, codec)
 
@@ -124,9 +124,38 @@ def test_decode_attention_triton_smem_gather(name: str, prefetch: bool) -> None:
     pytest.importorskip("triton")
     codec = CODECS[name]()
     q, pk, pv, lengths, window = _case(codec, seed=12)
-    cfg = {"sub": False, "gather": True, "prefetch": prefetch, "BT": 32}
+    cfg = {"sub": False, "gather": True, "prefetch": prefetch, "BT": 32, "vq": False}
     out = decode_attention(q, pk, pv, lengths, window, codec=codec, backend="triton", config=cfg)
     assert_close_to_reference(out, q, pk, pv, lengths, window, codec)
+
+
+@pytest.mark.parametrize("name", ["fq-k4-b8", "fq-k2-b4", "fibquant:b=2,k=2"])
+@pytest.mark.parametrize("gqa", [2, 4])
+@pytest.mark.parametrize("gather", [False, True], ids=["l1", "smem"])
+def test_decode_attention_triton_vector_codebook(name: str, gqa: int, gather: bool) -> None:
+    """The vector-codebook kernel (whole codewords gathered as 32/64-bit words, sub-stream
+    dots) against the reference: GQA 2 and 4, odd lengths, poisoned rows, a window."""
+    pytest.importorskip("triton")
+    codec = CODECS[name]()
+    q, pk, pv, lengths, window = _case(codec, b=2 if gqa == 2 else 3, g=gqa, seed=5, lengths=(67, 45, 1))
+    out = decode_attention(
+        q, pk, pv, lengths, window, codec=codec, backend="triton", config={"vq": True, "BT": 32}
+    )
+    assert_close_to_reference(out, q, pk, pv, lengths, window, codec)
+
+
+def test_vector_codebook_kernel_takes_fibquant_layouts() -> None:
+    """Which layouts the vector-codebook kernel takes: byte-tiling indices, vec 2-8, >= 16 bytes a row."""
+    from kvshrink.kernels.decode_attn.choose import vq_ok
+
+    def lay(name: str, d: int):
+        codec = CODECS[name]()
+        return layout_of(codec, "key", d), layout_of(codec, "value", d)
+
+    assert vq_ok(*lay("fq-k4-b8", 128), 128) and vq_ok(*lay("fq-k4-b8", 64), 64)
+    assert vq_ok(*lay("fq-k8-b8", 128), 128) and not vq_ok(*lay("fq-k8-b8", 64), 64)  # 8 bytes a row
+    assert not vq_ok(*lay("fq-k2-b6", 128), 128)  # 6-bit indices straddle bytes
+    assert not vq_ok(*lay("tq-b2", 128), 128)  # scalar codebooks: the sub-stream kernel's
 
 
 @pytest.mark.parametrize("select", [True, False], ids=["select", "gather"])
@@ -231,6 +260,25 @@ def test_decode_attention_cuda_magic_unpack(name: str, stages: int) -> None:
         assert_close_to_reference(outs[magic], q, pk, pv, lengths, window, codec, fp16_factor=4.0)
     scale = outs[False].float().abs().max()
     assert (outs[True].float() - outs[False].float()).abs().max() <= 2e-3 * scale + 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["fq-k4-b8", "fq-k8-b8", "fq-k2-b4", "fibquant:b=2,k=2"])
+@pytest.mark.parametrize("asm", [True, False])
+@pytest.mark.parametrize("gather", [False, True], ids=["l1", "smem"])
+def test_decode_attention_cuda_vector_codebook(name: str, asm: bool, gather: bool) -> None:
+    """The vector-codebook kernel on the GPU, codewords split by PTX ``mov`` or by shifts."""
+    codec = CODECS[name]()
+    q, pk, pv, lengths, window = _case(
+        codec, b=3, hkv=8, g=4, t=512, d=128, w=64, seed=13, lengths=(512, 301, 1)
+    )
+    q, lengths = q.cuda(), lengths.cuda()
+    pk, pv = pk.to("cuda"), pv.to("cuda")
+    window = Window(*(x.cuda() for x in window))
+    cfg = {"vq": True, "asm": asm, "gather": gather}
+    out = decode_attention(q, pk, pv, lengths, window, codec=codec, backend="triton", config=cfg)
+    assert_close_to_reference(out, q, pk, pv, lengths, window, codec)
 
 
 def test_import_is_light() -> None:

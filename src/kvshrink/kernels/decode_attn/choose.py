@@ -28,6 +28,8 @@ __all__ = [
     "sub_measured_faster",
     "sub_ok",
     "sub_word",
+    "vq_measured_faster",
+    "vq_ok",
     "word_args",
 ]
 
@@ -41,7 +43,9 @@ class DecodeConfig(dict):
     the general kernel ``prefetch`` (load the next block's codes while the current one is decoded)
     and ``gather`` (VQ codewords by ``tl.gather`` from a shared-memory copy of the codebook instead
     of L1 loads), ``magic`` (sub-stream kernel: integer codes and 16-level codebooks to fp16 by
-    the PTX of ``magic.py``; None: on CUDA where it measured faster). ``sub``, ``prefetch`` and ``gather`` left at None: where they measured faster."""
+    the PTX of ``magic.py``; None: on CUDA where it measured faster), ``vq`` (True/False: the
+    vector-codebook kernel of ``kernel_vq.py`` for FibQuant) and its ``asm`` (codeword words split
+    into fp16 by PTX ``mov``; None: on CUDA). ``sub``, ``prefetch`` and ``gather`` left at None: where they measured faster."""
 
 
 def role_args(lay: CodeLayout, d: int, bt: int, select: bool) -> tuple:
@@ -81,6 +85,8 @@ DEFAULTS = {
     "prefetch": None,
     "gather": None,
     "magic": None,
+    "vq": None,
+    "asm": None,
 }
 
 
@@ -123,6 +129,28 @@ def gather_measured_faster(lk: CodeLayout) -> bool:
     us); scalar codebooks gain nothing measurable.
     """
     return lk.kind == "vq" and lk.vec >= 8
+
+
+def vq_ok(lk: CodeLayout, lv: CodeLayout, d: int) -> bool:
+    """Whether the vector-codebook kernel (``kernel_vq.py``) takes these layouts: ``vec`` of 2, 4
+    or 8 fp16 (one or two 32/64-bit words per codeword), indices that tile a byte, and at least
+    16 bytes per row (the sub-stream tiles are ``[BT, row bytes]``, ``tl.dot`` needs K >= 16)."""
+
+    def one(lay: CodeLayout) -> bool:
+        ok = lay.kind == "vq" and lay.vec in (2, 4, 8) and lay.bits in (1, 2, 4, 8)
+        return ok and d % (lay.vec * 8 // lay.bits) == 0 and d // (lay.vec * 8 // lay.bits) >= 16
+
+    return one(lk) and one(lv)
+
+
+def vq_measured_faster(lk: CodeLayout) -> bool:
+    """Where the vector-codebook kernel beat the general one: every FibQuant layout it takes.
+
+    H100, B=8, L=32k (2026-12-07 sweep, ``decode-attention-h100-notes.md``), with its codewords
+    gathered from shared memory (the ``gather`` default there): b=2,k=4 1087 -> 422 us, b=2,k=2
+    1674 -> 382 us, b=1,k=4 1062 -> 487 us, b=1,k=8 1364 -> 546 us. From L1 instead, 795, 802,
+    1107 and 1142 us."""
+    return lk.kind == "vq" and lk.vec > 1
 
 
 def sub_ok(lk: CodeLayout, lv: CodeLayout, d: int, cuda: bool) -> bool:
