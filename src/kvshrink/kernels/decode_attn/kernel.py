@@ -349,7 +349,9 @@ def _reduce_kernel(
         l = l * alpha + w  # noqa: E741
         acc = acc * alpha[:, None] + w[:, None] * ow
     out = tl.where(l[:, None] > 0, acc / l[:, None], 0.0)
-    tl.store(out_ptr + qrow[:, None] * D + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+    tl.store(
+        out_ptr + qrow[:, None] * D + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=gmask[:, None]
+    )
 
 
 # -- host side ---------------------------------------------------------------------------------
