@@ -36,6 +36,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
+
 from ..codecs import CODECS, Codec, CodecConfig, make_codec
 from ..codecs.plan import NAME as LAYERS
 from ..codecs.plan import LayerPlan, parse_layer_plan
@@ -47,6 +49,9 @@ from ..policies.paged import PagePolicyConfig
 __all__ = ["CacheConfig", "CacheSpec", "parse_cache_spec"]
 
 _FP16_RANGES = ("residual", "sinks", "window")  # codec options keeping tokens in fp16 per encode
+
+
+HOLD_DTYPES = {"model": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,10 @@ class CacheConfig(SpecConfig):
     ``auto`` reads decode steps with the Triton kernels on CUDA where the cache allows it
     (:mod:`.store`), ``torch`` always with the PyTorch path, ``triton`` insists on the kernels
     (an error where they cannot serve the cache; CPU tensors need ``TRITON_INTERPRET=1``).
+    ``dtype``: what the full-precision tokens (window and block tail) are held in: ``model``
+    (the model's dtype), ``float16`` or ``bfloat16``. On CPU models compute in fp32, so their
+    window costs twice the fp16 baseline it is measured against; ``float16`` holds it as a GPU
+    model would (reads upcast it; the prompt's attention to its own tokens stays exact).
     """
 
     name: ClassVar[str] = "cache"
@@ -68,8 +77,11 @@ class CacheConfig(SpecConfig):
     block: int = 128
     chunk: int = 2048
     kernels: str = "auto"
+    dtype: str = "model"
 
     def __post_init__(self) -> None:
+        if self.dtype not in HOLD_DTYPES:
+            raise SpecError(f"cache: dtype must be one of {', '.join(HOLD_DTYPES)}, got {self.dtype!r}")
         if self.kernels not in ("auto", "triton", "torch"):
             raise SpecError(f"cache: kernels must be auto, triton or torch, got {self.kernels!r}")
         if self.window < 0:

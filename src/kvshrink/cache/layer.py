@@ -30,7 +30,7 @@ from .attention import OnlineSoftmax, attend_own_tokens
 from .chunks import chunk_mask, read_chunks
 from .compact import compact, reclaimable
 from .compensation import Compensation
-from .config import CacheConfig
+from .config import HOLD_DTYPES, CacheConfig
 from .keyspace import KeyTransform
 from .lut import LUT_MAX_ROWS
 from .observe import TILE, observe_slots
@@ -96,7 +96,8 @@ class CompressedLayer(CacheLayerMixin):
 
     # -- transformers layer contract ---------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
+        self.device = key_states.device
+        self.dtype = HOLD_DTYPES[self.config.dtype] or key_states.dtype  # the window's, see CacheConfig
         self.batch, self.heads = key_states.shape[0], key_states.shape[1]
         self.seen_valid = torch.zeros(self.batch, dtype=torch.long, device=self.device)
         self.store = make_store(
@@ -332,6 +333,8 @@ class CompressedLayer(CacheLayerMixin):
         if stateful:  # zeros for the new slots; the policy's update_state fills them in
             assert self.policy is not None
             new.acc = torch.zeros(self.policy.slot_floats, self.batch, self.heads, nq, device=self.device)
+        if new.k is not None and new.k.dtype != self.dtype:  # held as cache:dtype says
+            new.k, new.v = new.k.to(self.dtype), new.v.to(self.dtype)  # type: ignore[union-attr]
         self.window = cat_dense(([self.window] if self.window is not None else []) + [new])
         assert self.seen_valid is not None
         self.seen_valid = self.seen_valid + (nq if new_valid is None else new_valid.sum(-1))
