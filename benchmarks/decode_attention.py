@@ -45,6 +45,7 @@ HQ, HKV, D, WIN = 32, 8, 128, 128
 SHAPES = [(1, 32768), (8, 8192), (8, 32768), (32, 8192)]
 METHODS = [
     "int4",
+    "int8",
     "kivi:b=2",
     "kivi:b=4",
     "turboquant:b=2",
