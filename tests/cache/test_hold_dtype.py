@@ -24,7 +24,9 @@ def test_window_held_in_fp16_halves_its_bytes(smollm2, essay) -> None:
         cache = CompressedCache(model, f"{SPEC},dtype={dtype}")
         logits[dtype] = _run(model, ids, cache, steps=12)
         windows = [s for layer in cache.layers for s in layer.segments() if not s.packed]
-        assert windows and all(s.k.dtype == (torch.float32 if dtype == "model" else torch.float16) for s in windows)
+        assert windows and all(
+            s.k.dtype == (torch.float32 if dtype == "model" else torch.float16) for s in windows
+        )
         reports[dtype] = cache.memory_report()
         cache.uninstall()
     win32 = sum(r.window for r in reports["model"].layers)
