@@ -70,6 +70,9 @@ class CacheConfig(SpecConfig):
     (the model's dtype), ``float16`` or ``bfloat16``. On CPU models compute in fp32, so their
     window costs twice the fp16 baseline it is measured against; ``float16`` holds it as a GPU
     model would (reads upcast it; the prompt's attention to its own tokens stays exact).
+    ``sinks``: the first tokens of the sequence are never packed but held like the window, for
+    good: they are attention sinks (40-60% of the attention mass in SmolLM2's later layers), so
+    their key error moves every softmax. Read by the PyTorch path (no kernel store).
     """
 
     name: ClassVar[str] = "cache"
@@ -78,8 +81,11 @@ class CacheConfig(SpecConfig):
     chunk: int = 2048
     kernels: str = "auto"
     dtype: str = "model"
+    sinks: int = 0
 
     def __post_init__(self) -> None:
+        if self.sinks < 0:
+            raise SpecError(f"cache: sinks must be >= 0 tokens, got {self.sinks}")
         if self.dtype not in HOLD_DTYPES:
             raise SpecError(f"cache: dtype must be one of {', '.join(HOLD_DTYPES)}, got {self.dtype!r}")
         if self.kernels not in ("auto", "triton", "torch"):
@@ -223,6 +229,11 @@ def parse_cache_spec(spec: str, **cache_options: Any) -> CacheSpec:
         cache = dataclasses.replace(cache, **cache_options)
         explicit |= set(cache_options)
     cache = _aligned(policy, cache, explicit)
+    if cache.sinks and policy is not None:
+        raise SpecError(
+            f"cache:sinks={cache.sinks} is for caches without a token policy ({policy.name} "
+            "moves and evicts slots); beside a policy use streamingllm:sinks=N"
+        )
     return CacheSpec(codec=codec, policy=policy, cache=cache, low=low, plan=plan)
 
 

@@ -424,6 +424,14 @@ class CompressedLayer(CacheLayerMixin):
                 segs, self.codec, self.config.block, self.window_size, self.batch, self.heads, self.dtype
             )
 
+    def _sink_slots(self, piece: Segment) -> int:
+        """How many leading slots of ``piece`` are among the sequence's first ``sinks`` tokens
+        (``cache:sinks``); only a contiguous piece starting before that can hold any."""
+        n = self.config.sinks
+        if not n or piece.c0 is None or piece.c0 >= n:
+            return 0
+        return min(n - piece.c0, piece.size)
+
     def _flush(self) -> None:
         """Move the window's oldest ``block`` tokens into packed blocks while it is too long."""
         w = self.window
@@ -443,15 +451,11 @@ class CompressedLayer(CacheLayerMixin):
             for piece in pieces:
                 if piece.hi < 0 or (horizon is not None and piece.hi <= horizon):
                     continue  # nothing anyone will attend to again
+                sink = self._sink_slots(piece)
+                if sink:  # the first tokens stay as they are held in the window, for good
+                    self.blocks.append(piece.slice(0, sink).owned())
+                    if sink == piece.size:
+                        continue
+                    piece = piece.slice(sink, piece.size)
                 self.blocks.append(encode_segment(self.codec, piece))
-        rest = w.slice(n_blocks * block, w.size)
-        self.window = Segment(
-            pos=rest.pos.clone(),
-            lo=rest.lo,
-            hi=rest.hi,
-            full=rest.full,
-            c0=rest.c0,
-            acc=None if rest.acc is None else rest.acc.clone(),
-            k=rest.k.clone() if rest.k is not None else None,
-            v=rest.v.clone() if rest.v is not None else None,
-        )
+        self.window = w.slice(n_blocks * block, w.size).owned()

@@ -150,6 +150,18 @@ class Segment:
             v=self.v[:, :, a:z] if self.v is not None else None,
         )
 
+    def owned(self) -> Segment:
+        """A dense segment with its own copies of its tensors: a slice of the window must not
+        keep the whole old window alive once the window moves on."""
+        assert not self.packed
+        return replace(
+            self,
+            pos=self.pos.clone(),
+            acc=None if self.acc is None else self.acc.clone(),
+            k=self.k.clone() if self.k is not None else None,
+            v=self.v.clone() if self.v is not None else None,
+        )
+
     def tombstone(self, keep: torch.Tensor) -> bool:
         """Empty the slots where ``keep`` ``[B, Hkv, T]`` is False; True if any changed."""
         b, h, _t = keep.shape

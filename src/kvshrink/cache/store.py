@@ -83,6 +83,13 @@ def make_store(
     mode = config.kernels
     if mode == "torch" or sliding:
         return None  # sliding layers drop blocks from the front: the reference path reads them
+    if config.sinks:
+        if mode == "triton":
+            raise InputError(
+                "cache:kernels=triton cannot read cache:sinks (exact first tokens held beside the "
+                "packed blocks); use sinks=0, or kernels=auto to read them through PyTorch"
+            )
+        return None
     if mode == "auto" and not k.is_cuda:  # CPU: the compiled table scan, for rotation codecs
         if policy is not None or k.shape[-1] != v.shape[-1] or not _cpu_kernel(codec, k.shape[-1]):
             return None
