@@ -136,6 +136,19 @@ def synthetic(codec: Codec, b: int, t: int, device: str) -> tuple[Packed, Packed
     return out[0], out[1]
 
 
+def step_inputs(codec: Codec, b: int, n: int) -> tuple[Packed, Packed, torch.Tensor, Window, torch.Tensor]:
+    """One decode step's inputs on the GPU: ``n - WIN`` random packed tokens, an fp16 query and
+    a ``WIN``-token fp16 window per sequence."""
+    pk, pv = synthetic(codec, b, n - WIN, "cuda")
+    q = torch.randn(b, HQ, D, device="cuda").half()
+    win = Window(
+        torch.randn(b, HKV, WIN, D, device="cuda").half(),
+        torch.randn(b, HKV, WIN, D, device="cuda").half(),
+        torch.full((b,), WIN, device="cuda", dtype=torch.int32),
+    )
+    return pk, pv, q, win, torch.full((b,), n - WIN, device="cuda", dtype=torch.int32)
+
+
 # -- timing ------------------------------------------------------------------------------------
 
 
@@ -331,14 +344,7 @@ def main() -> None:
     b, L = 8, 32768
     for method in methods:
         codec, _ = codec_for(method)
-        pk, pv = synthetic(codec, b, L - WIN, "cuda")
-        q = torch.randn(b, HQ, D, device="cuda").half()
-        win = Window(
-            torch.randn(b, HKV, WIN, D, device="cuda").half(),
-            torch.randn(b, HKV, WIN, D, device="cuda").half(),
-            torch.full((b,), WIN, device="cuda", dtype=torch.int32),
-        )
-        lengths = torch.full((b,), L - WIN, device="cuda", dtype=torch.int32)
+        pk, pv, q, win, lengths = step_inputs(codec, b, L)
         configs = sweep_configs[:1] if (args.no_sweep or args.quick) else sweep_configs
         if layout_of(codec, "key", D).vec > 1:  # only the stream-major kernel takes vector codes
             configs = [c for c in configs if c.get("sub") is not False]

@@ -21,10 +21,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from decode_attention import HKV, HQ, WIN, D, codec_for, synthetic
+from decode_attention import codec_for, step_inputs
 from kvshrink.cli.common import run_cli
 from kvshrink.core.errors import InputError
-from kvshrink.kernels import Window, decode_attention
+from kvshrink.kernels import decode_attention
 
 
 def main() -> None:
@@ -44,15 +44,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise InputError("decode_profile.py launches CUDA kernels: run it on a machine with a GPU")
     codec, _ = codec_for(args.method)
-    b, n = args.batch, args.length
-    pk, pv = synthetic(codec, b, n - WIN, "cuda")
-    q = torch.randn(b, HQ, D, device="cuda").half()
-    win = Window(
-        torch.randn(b, HKV, WIN, D, device="cuda").half(),
-        torch.randn(b, HKV, WIN, D, device="cuda").half(),
-        torch.full((b,), WIN, device="cuda", dtype=torch.int32),
-    )
-    lengths = torch.full((b,), n - WIN, device="cuda", dtype=torch.int32)
+    pk, pv, q, win, lengths = step_inputs(codec, args.batch, args.length)
     for _ in range(args.launches):
         decode_attention(q, pk, pv, lengths, win, codec=codec, config=cfg)
     torch.cuda.synchronize()
