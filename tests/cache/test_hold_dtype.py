@@ -92,3 +92,17 @@ def test_sinks_options_are_checked() -> None:
         parse_cache_spec("int4+cache:sinks=-1")
     with pytest.raises(SpecError, match="without a token policy"):
         parse_cache_spec("snapkv:ratio=0.5+int4+cache:sinks=1")
+
+
+def test_sinks_refused_by_the_kernel_path(smollm2) -> None:
+    """The Triton path reads one contiguous packed store: exact sinks beside it are refused."""
+    from kvshrink.core.errors import InputError
+
+    model, tok = smollm2
+    ids = tok("The sink is the first token.", return_tensors="pt").input_ids
+    cache = CompressedCache(model, "turboquant:b=2+cache:window=0,block=4,sinks=1,kernels=triton")
+    try:
+        with pytest.raises(InputError, match="cannot read cache:sinks"), torch.no_grad():
+            model(input_ids=ids, past_key_values=cache)
+    finally:
+        cache.uninstall()
