@@ -361,17 +361,23 @@ _STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _vq_tensors(codec: Codec, d: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Rotation (fp16 for q, fp32 for the output), fp16 codebooks and their bit patterns, cached
-    per codec and device."""
+    """Rotation (fp16 for q, fp32 for the output), fp16 codebooks, their bit patterns and (for
+    vector codebooks) their 32/64-bit word views, cached per codec and device."""
     per = _STATE.setdefault(codec, {})
     key = (d, str(device))
     if key not in per:
         rot = rotation_matrix(codec, d).to(device)
         books = {role: codec.codebook(d, role).half().contiguous() for role in ("key", "value")}  # type: ignore[attr-defined]
+        on_device = {role: book.to(device) for role, book in books.items()}
         per[key] = {
             "rot16": rot.half().contiguous(),
             "rot32": rot.contiguous(),
-            **{role: book.to(device) for role, book in books.items()},
+            **on_device,
+            **{
+                f"{role}_words": _word_book(book)
+                for role, book in on_device.items()
+                if book.shape[-1] in (2, 4, 8)
+            },
             # fp16 bit patterns for the PTX lookups, read on the host once (not during a capture)
             **{
                 f"{role}_bits": tuple(int(x) & 0xFFFF for x in book.view(torch.int16).flatten().tolist())
@@ -463,7 +469,6 @@ def decode_attention_triton(
     common += (qk_scale, hkv, t, tgk, tgv, w_cap, ns, split, g, bg, d, bt, has_win)
     if use_vq:
         assert vq is not None
-        books = {role: _word_book(vq[role]) for role in ("key", "value")}
         _split_vq_kernel[grid](
             qc,
             kc,
@@ -471,8 +476,8 @@ def decode_attention_triton(
             vc,
             vs,
             rot16,
-            books["key"],
-            books["value"],
+            vq["key_words"],
+            vq["value_words"],
             lengths,
             wk,
             wv,
