@@ -61,16 +61,39 @@ def test_encode_vq_triton_prefill(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["fq-k2-b6", "fq-k2-b8", "fq-k4-b8", "fq-k8-b8"])
-@pytest.mark.parametrize("mma", [True, False])
-def test_encode_vq_triton_search(name: str, mma: bool) -> None:
-    """Both nearest-codeword searches (tensor-core scores over padded blocks, the CUDA-core loop)
-    store the codec's codes; 37 tokens leave the last program partly masked."""
+@pytest.mark.parametrize("search", ["loop", "mma", "keyed"])
+def test_encode_vq_triton_search(name: str, search: str) -> None:
+    """Every nearest-codeword search (the CUDA-core loop, tensor-core scores over padded blocks
+    with an argmin, or with distance and index keyed in one int) stores the codec's codes;
+    37 tokens leave the last program partly masked."""
     pytest.importorskip("triton")
     codec = StubVQ(*STUBS[name])
     x = gaussian_kv(3, (2, 2, 37, 64)).half()
     for role in ("key", "value"):
-        codes, norm = encode_vq(x, codec, role, backend="triton", mma=mma)
+        codes, norm = encode_vq(
+            x, codec, role, backend="triton", mma=search != "loop", keyed=search == "keyed"
+        )
         assert_same_codes(x, codec, role, codes, norm)
+
+
+class _TwiceVQ(StubVQ):
+    """Every codeword twice (second half = first half): exact ties on every search."""
+
+    def codebook(self, d: int, role: str) -> torch.Tensor:
+        cb = super().codebook(d, role)
+        return torch.cat([cb[: len(cb) // 2], cb[: len(cb) // 2]])
+
+
+def test_keyed_search_picks_the_first_of_tied_codewords() -> None:
+    """Exactly tied codewords: the keyed search, like ``torch.argmin``, stores the first."""
+    pytest.importorskip("triton")
+    from kvshrink.codecs.primitives.bitpack import unpack_rows
+
+    codec = _TwiceVQ(8, 4)
+    x = gaussian_kv(5, (1, 2, 24, 64)).half()
+    codes, norm = encode_vq(x, codec, "key", backend="triton", mma=True, keyed=True)
+    assert_same_codes(x, codec, "key", codes, norm)
+    assert int(unpack_rows(codes, 8, 16).max()) < 128
 
 
 def test_mma_search_chosen_for_large_vector_codebooks() -> None:
@@ -84,7 +107,11 @@ def test_mma_search_chosen_for_large_vector_codebooks() -> None:
     cb = torch.arange(12.0).reshape(4, 3)
     assert pad_codebook(cb) is None  # a 3-wide block does not divide the 16 padded columns
     cb = torch.arange(8.0).reshape(2, 4)
-    assert torch.equal(pad_codebook(cb)[::4], cb.T) and pad_codebook(cb).abs().sum() == cb.sum()
+    pad = pad_codebook(cb)
+    assert torch.equal(pad[::4], cb.T)  # coordinates where the interleaved zeros put them
+    assert torch.equal(pad[1], -0.5 * (cb * cb).sum(-1)) and torch.equal(pad[3], -torch.ones(2))  # keyed
+    assert pad[[2, 5, 6, 7, 9, 10, 11, 13, 14, 15]].abs().sum() == 0
+    assert torch.equal(pad_codebook(torch.ones(2, 16)), torch.ones(16, 2))  # 16-wide: no spare column
 
 
 def test_encode_vq_triton_single_token_append() -> None:

@@ -29,13 +29,15 @@ def encode_vq(
     start: torch.Tensor | None = None,
     backend: Literal["auto", "triton", "reference"] = "auto",
     mma: bool | None = None,
+    keyed: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode ``x`` [B, Hkv, T, d] with ``codec``'s rotation and ``role`` codebook.
 
     Returns ``(codes, norm)``: uint8 ``[B, Hkv, T, row_bytes]`` and fp16 ``[B, Hkv, T]``, or the
     ``out`` cache tensors (capacity ``TCAP``) with rows ``start[b] .. start[b]+T`` written.
     ``mma``: the kernel's nearest-codeword search on tensor cores (None: where it measured faster,
-    8- and 16-wide blocks of >= 64 codewords; see ``kernel.py`` and ``pad.py``).
+    8- and 16-wide blocks of >= 64 codewords; see ``kernel.py`` and ``pad.py``); ``keyed``: its
+    one-int ``min`` form (None: wherever supported).
     """
     if x.dim() != 4:
         raise InputError(f"encode_vq: expected x of shape [B, Hkv, T, d], got {tuple(x.shape)}")
@@ -57,7 +59,7 @@ def encode_vq(
         )
     if start is None:
         start = torch.zeros(b, dtype=torch.int32, device=x.device)
-    encode_vq_triton(x, rot, cb, layout, out[0], out[1], start, mma=mma, padded=padded, cn2=cn2)
+    encode_vq_triton(x, rot, cb, layout, out[0], out[1], start, mma=mma, padded=padded, cn2=cn2, keyed=keyed)
     return out
 
 

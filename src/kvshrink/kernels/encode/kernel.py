@@ -17,6 +17,13 @@ Two searches for the nearest codeword:
   chunk, and a per-chunk ``tl.argmin`` (leftmost on ties) with a strict ``<`` across chunks keeps
   the first index. The padding wastes tensor-core work that costs nothing here: the CUDA-core search was
   18-39% of a 32k prefill's attention at ``N = 256`` (docs/results/decode-attention-h100-notes.md).
+- ``KEYED`` (the MMA search for ``N <= 256``): two spare padded columns carry ``1`` and ``‖y_j‖²/2``
+  against codebook rows ``−‖c‖²/2`` and ``−1`` (:func:`~.pad.pad_codebook`), so the dot itself
+  returns ``−‖y_j − c‖²/2 <= 0``. The bits of a non-positive float, read as int32, order like
+  the distance, so with the low ``log2 N`` bits replaced by the codeword's index one int ``min``
+  per score keeps distance and index together: no separate ``argmin``, no ``‖c‖²`` load. Two
+  codewords closer than ``2^(log2 N - 23)`` of the distance (relative) count as tied and the
+  first index wins, as a float tie does in ``torch.argmin``.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import triton
 import triton.language as tl
 
 from ..layout import CodeLayout
-from .pad import KP, mma_ok, mma_supported, pad_codebook
+from .pad import KP, keyed_supported, mma_ok, mma_supported, pad_codebook
 
 __all__ = ["encode_vq_triton"]
 
@@ -95,6 +102,43 @@ def _argmin_mma(
 
 
 @triton.jit
+def _argmin_keyed(
+    y,
+    cp_ptr,
+    BM: tl.constexpr,
+    D: tl.constexpr,
+    VEC: tl.constexpr,
+    NLEV: tl.constexpr,
+    KP: tl.constexpr,
+    BN: tl.constexpr,
+    IB: tl.constexpr,
+):
+    """``[BM, D // VEC]`` nearest-codeword indices, distance and index in one int32 per score."""
+    R: tl.constexpr = D // VEC
+    yb = tl.reshape(y, (BM * R, VEC))
+    half_sq = 0.5 * tl.sum(yb * yb, 1)  # ‖y_j‖²/2 per block
+    if VEC <= KP // 2:
+        yb = tl.reshape(tl.join(yb, tl.zeros_like(yb)), (BM * R, 2 * VEC))
+    if VEC <= KP // 4:
+        yb = tl.reshape(tl.join(yb, tl.zeros_like(yb)), (BM * R, 4 * VEC))
+    if VEC <= KP // 8:
+        yb = tl.reshape(tl.join(yb, tl.zeros_like(yb)), (BM * R, 8 * VEC))
+    kp = tl.arange(0, KP)
+    # spare columns 1 and 3 (coordinates sit on multiples of KP // VEC >= 2): 1 and ‖y_j‖²/2
+    yb = yb + tl.where(kp == 1, 1.0, 0.0)[None, :] + tl.where(kp == 3, 1.0, 0.0)[None, :] * half_sq[:, None]
+    nb = tl.arange(0, BN)
+    low: tl.constexpr = (1 << IB) - 1
+    best = tl.full((BM * R,), 2147483647, tl.int32)
+    for n0 in range(0, NLEV, BN):
+        c = tl.load(cp_ptr + kp[:, None] * NLEV + (n0 + nb)[None, :])  # [KP, BN]
+        s = tl.dot(yb, c, input_precision="tf32x3")  # −‖y_j − c‖²/2, up to rounding
+        s = tl.minimum(s, -0.0)  # a rounded-positive near-match must not sort last
+        key = (s.to(tl.int32, bitcast=True) & ~low) | (n0 + nb)[None, :]
+        best = tl.minimum(best, tl.min(key, 1))
+    return tl.reshape(best & low, (BM, R))
+
+
+@triton.jit
 def _encode_kernel(
     x_ptr,
     rot_ptr,
@@ -120,6 +164,8 @@ def _encode_kernel(
     MMA: tl.constexpr,
     KP: tl.constexpr,
     BN: tl.constexpr,
+    KEYED: tl.constexpr,
+    IB: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
@@ -131,7 +177,9 @@ def _encode_kernel(
     u = x / tl.maximum(nrm, 1.1754943508222875e-38)[:, None]
     rot_t = tl.load(rot_ptr + d[None, :] * D + d[:, None])  # [D, D]: Πᵀ
     y = tl.dot(u, rot_t, input_precision="tf32x3")  # [BM, D] rotated unit vectors (3xTF32 ~ fp32)
-    if MMA:
+    if KEYED:
+        arg = _argmin_keyed(y, cp_ptr, BM, D, VEC, NLEV, KP, BN, IB)
+    elif MMA:
         arg = _argmin_mma(y, cp_ptr, cn2_ptr, BM, D, VEC, NLEV, KP, BN)
     else:
         arg = _argmin_loop(y, cb_ptr, cn2_ptr, BM, D, VEC, NLEV)
@@ -165,12 +213,13 @@ def encode_vq_triton(
     padded: torch.Tensor | None = None,
     bn: int = 64,
     cn2: torch.Tensor | None = None,
+    keyed: bool | None = None,
 ) -> None:
     """Encode ``x`` [B, Hkv, T, d] into ``codes_out``/``norm_out`` [B, Hkv, TCAP, ...] at ``start[b]+t``.
 
-    ``mma``: the tensor-core search (None: wherever :func:`mma_ok`); ``padded``: its
-    :func:`pad_codebook`, and ``cn2``, the codewords' squared norms: built here when not given
-    (callers cache them)."""
+    ``mma``: the tensor-core search (None: wherever :func:`mma_ok`); ``keyed``: its one-int
+    ``min`` form (None: wherever :func:`keyed_supported`); ``padded``: its :func:`pad_codebook`,
+    and ``cn2``, the codewords' squared norms: built here when not given (callers cache them)."""
     b, hkv, t, d = x.shape
     m = b * hkv * t
     cb = codebook.float().contiguous()
@@ -181,6 +230,8 @@ def encode_vq_triton(
     if use_mma:
         assert mma_supported(layout, d) and layout.levels >= bn, f"no tensor-core search for {layout}"
         cp = padded if padded is not None else pad_codebook(cb)
+    use_keyed = use_mma and (keyed_supported(layout, d) if keyed is None else keyed)
+    assert not use_keyed or keyed_supported(layout, d), f"no keyed search for {layout}"
     grid = (triton.cdiv(m, block),)
     _encode_kernel[grid](
         x.contiguous(),
@@ -207,5 +258,7 @@ def encode_vq_triton(
         use_mma,
         KP,
         bn,
+        use_keyed,
+        max(1, (layout.levels - 1).bit_length()),
         num_warps=num_warps,
     )

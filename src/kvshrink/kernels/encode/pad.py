@@ -7,7 +7,7 @@ import torch
 
 from ..layout import CodeLayout
 
-__all__ = ["KP", "mma_ok", "mma_supported", "pad_codebook"]
+__all__ = ["KP", "keyed_supported", "mma_ok", "mma_supported", "pad_codebook"]
 
 #: block coordinates padded to the tensor-core K of a tf32 ``tl.dot``
 KP = 16
@@ -18,6 +18,13 @@ def mma_supported(layout: CodeLayout, d: int) -> bool:
     power-of-two number of blocks per vector, and at least one 64-codeword chunk."""
     r = d // layout.vec
     return layout.vec > 1 and KP % layout.vec == 0 and layout.levels >= 64 and r & (r - 1) == 0
+
+
+def keyed_supported(layout: CodeLayout, d: int) -> bool:
+    """Where the tensor-core search can key distance and index in one int32: two spare padded
+    columns (blocks at most ``KP // 2`` wide) and at most 256 codewords (the index takes the
+    distance's low mantissa bits, 2^-15 of it)."""
+    return mma_supported(layout, d) and layout.vec <= KP // 2 and layout.levels <= 256
 
 
 def mma_ok(layout: CodeLayout, d: int) -> bool:
@@ -31,11 +38,17 @@ def mma_ok(layout: CodeLayout, d: int) -> bool:
 
 def pad_codebook(codebook: torch.Tensor) -> torch.Tensor | None:
     """``[KP, N]``: the codebook transposed, coordinate ``c`` on row ``c·(KP // vec)`` (where the
-    kernel's interleaved zero-padding puts it), zeros elsewhere; None where ``vec`` does not
-    divide ``KP`` (k = 3, 6: those keep the CUDA-core search)."""
+    kernel's interleaved zero-padding puts it); where ``vec <= KP // 2``, rows 1 and 3 hold
+    ``−‖c‖²/2`` and ``−1`` for the keyed search (the plain one multiplies them by its zero
+    padding); zeros elsewhere. None where ``vec`` does not divide ``KP`` (k = 3, 6: those keep
+    the CUDA-core search)."""
     n, vec = codebook.shape
     if KP % vec:
         return None
+    cb = codebook.float()
     out = codebook.new_zeros(KP, n, dtype=torch.float32)
-    out[:: KP // vec] = codebook.float().T
+    out[:: KP // vec] = cb.T
+    if vec <= KP // 2:
+        out[1] = -0.5 * (cb * cb).sum(-1)
+        out[3] = -1.0
     return out.contiguous()
