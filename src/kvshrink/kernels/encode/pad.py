@@ -7,7 +7,19 @@ import torch
 
 from ..layout import CodeLayout
 
-__all__ = ["KP", "keyed_supported", "mma_ok", "mma_supported", "pad_codebook"]
+__all__ = [
+    "KP",
+    "SEARCH_FLAGS",
+    "default_search",
+    "keyed_supported",
+    "mma_ok",
+    "mma_supported",
+    "pad_codebook",
+    "supported_searches",
+]
+
+#: the nearest-codeword searches by name: ``encode_vq``'s ``(mma, keyed)`` for each
+SEARCH_FLAGS = {"loop": (False, False), "mma": (True, False), "keyed": (True, True)}
 
 #: block coordinates padded to the tensor-core K of a tf32 ``tl.dot``
 KP = 16
@@ -34,6 +46,18 @@ def mma_ok(layout: CodeLayout, d: int) -> bool:
     and k=2 the padded rows (R = d/vec of them per vector, each argmin'd over N) cost as much
     as the loop or more (4.7 vs 4.6 ms at k=4, 9.2 vs 3.4 ms at k=2), so those keep the loop."""
     return mma_supported(layout, d) and layout.vec >= 8
+
+
+def supported_searches(layout: CodeLayout, d: int) -> list[str]:
+    """The searches the encode kernel can run for ``layout`` (the loop always)."""
+    return ["loop"] + ["mma"] * mma_supported(layout, d) + ["keyed"] * keyed_supported(layout, d)
+
+
+def default_search(layout: CodeLayout, d: int) -> str:
+    """The search ``encode_vq`` runs when neither ``mma`` nor ``keyed`` is given."""
+    if not mma_ok(layout, d):
+        return "loop"
+    return "keyed" if keyed_supported(layout, d) else "mma"
 
 
 def pad_codebook(codebook: torch.Tensor) -> torch.Tensor | None:
