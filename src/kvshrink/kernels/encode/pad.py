@@ -55,9 +55,7 @@ def supported_searches(layout: CodeLayout, d: int) -> list[str]:
 
 def default_search(layout: CodeLayout, d: int) -> str:
     """The search ``encode_vq`` runs when neither ``mma`` nor ``keyed`` is given."""
-    if not mma_ok(layout, d):
-        return "loop"
-    return "keyed" if keyed_supported(layout, d) else "mma"
+    return "mma" if mma_ok(layout, d) else "loop"
 
 
 def pad_codebook(codebook: torch.Tensor) -> torch.Tensor | None:
