@@ -104,6 +104,13 @@ def test_mma_search_chosen_for_large_vector_codebooks() -> None:
     assert mma_supported(layout_of(StubVQ(8, 4), "key", 128), 128)  # but it can be forced
     assert not mma_ok(layout_of(StubVQ(4, 1), "key", 128), 128)  # scalar levels
     assert not mma_ok(layout_of(StubVQ(4, 8), "key", 128), 128)  # 16 codewords: the loop is cheap
+    from kvshrink.kernels.encode.pad import default_search, supported_searches
+
+    assert default_search(layout_of(StubVQ(8, 8), "key", 128), 128) == "keyed"  # measured at k=8, N=256
+    assert default_search(layout_of(StubVQ(8, 4), "key", 128), 128) == "loop"
+    assert default_search(layout_of(StubVQ(12, 8), "key", 128), 128) == "mma"  # too many codewords to key
+    assert supported_searches(layout_of(StubVQ(8, 4), "key", 128), 128) == ["loop", "mma", "keyed"]
+    assert supported_searches(layout_of(StubVQ(4, 1), "key", 128), 128) == ["loop"]
     cb = torch.arange(12.0).reshape(4, 3)
     assert pad_codebook(cb) is None  # a 3-wide block does not divide the 16 padded columns
     cb = torch.arange(8.0).reshape(2, 4)

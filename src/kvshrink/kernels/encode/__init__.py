@@ -37,7 +37,7 @@ def encode_vq(
     ``out`` cache tensors (capacity ``TCAP``) with rows ``start[b] .. start[b]+T`` written.
     ``mma``: the kernel's nearest-codeword search on tensor cores (None: where it measured faster,
     8- and 16-wide blocks of >= 64 codewords; see ``kernel.py`` and ``pad.py``); ``keyed``: its
-    one-int ``min`` form (opt-in).
+    one-int ``min`` form (None: wherever supported, when the tensor-core search runs).
     """
     if x.dim() != 4:
         raise InputError(f"encode_vq: expected x of shape [B, Hkv, T, d], got {tuple(x.shape)}")

@@ -218,7 +218,7 @@ def encode_vq_triton(
     """Encode ``x`` [B, Hkv, T, d] into ``codes_out``/``norm_out`` [B, Hkv, TCAP, ...] at ``start[b]+t``.
 
     ``mma``: the tensor-core search (None: wherever :func:`mma_ok`); ``keyed``: its one-int
-    ``min`` form (opt-in: not yet timed on a GPU); ``padded``: its :func:`pad_codebook`,
+    ``min`` form (None: wherever :func:`~.pad.keyed_supported`; measured faster at k=8, N=256); ``padded``: its :func:`pad_codebook`,
     and ``cn2``, the codewords' squared norms: built here when not given (callers cache them)."""
     b, hkv, t, d = x.shape
     m = b * hkv * t
@@ -230,7 +230,7 @@ def encode_vq_triton(
     if use_mma:
         assert mma_supported(layout, d) and layout.levels >= bn, f"no tensor-core search for {layout}"
         cp = padded if padded is not None else pad_codebook(cb)
-    use_keyed = use_mma and bool(keyed)  # opt-in until timed on a GPU
+    use_keyed = use_mma and (keyed_supported(layout, d) if keyed is None else keyed)
     assert not use_keyed or keyed_supported(layout, d), f"no keyed search for {layout}"
     grid = (triton.cdiv(m, block),)
     _encode_kernel[grid](

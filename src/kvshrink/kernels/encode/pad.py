@@ -44,7 +44,10 @@ def mma_ok(layout: CodeLayout, d: int) -> bool:
     Measured on an H100 (32k-token K+V encode, docs/results/decode-attention-h100-notes.md):
     FibQuant b=1, k=8 (N=256) 2.7 ms against 6.9-10.2 ms for the CUDA-core loop; at k=4 (N=256)
     and k=2 the padded rows (R = d/vec of them per vector, each argmin'd over N) cost as much
-    as the loop or more (4.7 vs 4.6 ms at k=4, 9.2 vs 3.4 ms at k=2), so those keep the loop."""
+    as the loop or more (4.7 vs 4.6 ms at k=4, 9.2 vs 3.4 ms at k=2), so those keep the loop.
+    The keyed form (one int ``min`` per score) did not change that at k=4: 4.5 ms at its best
+    config against the loop's 4.8, 5.8 ms at the default one; at k=8 it took 2.67 -> 2.44 ms
+    (docs/results/decode-attention-encode-h100.md), so it is the default there."""
     return mma_supported(layout, d) and layout.vec >= 8
 
 
@@ -55,7 +58,9 @@ def supported_searches(layout: CodeLayout, d: int) -> list[str]:
 
 def default_search(layout: CodeLayout, d: int) -> str:
     """The search ``encode_vq`` runs when neither ``mma`` nor ``keyed`` is given."""
-    return "mma" if mma_ok(layout, d) else "loop"
+    if not mma_ok(layout, d):
+        return "loop"
+    return "keyed" if keyed_supported(layout, d) else "mma"
 
 
 def pad_codebook(codebook: torch.Tensor) -> torch.Tensor | None:
