@@ -64,6 +64,19 @@ def _argmin_loop(
 
 
 @triton.jit
+def _pad_blocks(yb, M: tl.constexpr, VEC: tl.constexpr, KP: tl.constexpr):
+    """``[M, VEC]`` block rows zero-padded to ``[M, KP]`` by interleaving (constexpr ifs):
+    coordinate ``c`` lands on column ``c·(KP // VEC)``, where :func:`~.pad.pad_codebook` puts it."""
+    if VEC <= KP // 2:
+        yb = tl.reshape(tl.join(yb, tl.zeros_like(yb)), (M, 2 * VEC))
+    if VEC <= KP // 4:
+        yb = tl.reshape(tl.join(yb, tl.zeros_like(yb)), (M, 4 * VEC))
+    if VEC <= KP // 8:
+        yb = tl.reshape(tl.join(yb, tl.zeros_like(yb)), (M, 8 * VEC))
+    return yb
+
+
+@triton.jit
 def _argmin_mma(
     y,
     cp_ptr,
@@ -78,13 +91,7 @@ def _argmin_mma(
     """``[BM, D // VEC]`` nearest-codeword indices of ``y`` with the scores on tensor cores."""
     R: tl.constexpr = D // VEC
     yb = tl.reshape(y, (BM * R, VEC))  # blocks as rows
-    # zero-pad to KP columns by interleaving (constexpr ifs): coordinate c lands on c·(KP // VEC)
-    if VEC <= KP // 2:
-        yb = tl.reshape(tl.join(yb, tl.zeros_like(yb)), (BM * R, 2 * VEC))
-    if VEC <= KP // 4:
-        yb = tl.reshape(tl.join(yb, tl.zeros_like(yb)), (BM * R, 4 * VEC))
-    if VEC <= KP // 8:
-        yb = tl.reshape(tl.join(yb, tl.zeros_like(yb)), (BM * R, 8 * VEC))
+    yb = _pad_blocks(yb, BM * R, VEC, KP)
     kp = tl.arange(0, KP)
     nb = tl.arange(0, BN)
     best = tl.full((BM * R,), float("inf"), tl.float32)
@@ -117,12 +124,7 @@ def _argmin_keyed(
     R: tl.constexpr = D // VEC
     yb = tl.reshape(y, (BM * R, VEC))
     half_sq = 0.5 * tl.sum(yb * yb, 1)  # ‖y_j‖²/2 per block
-    if VEC <= KP // 2:
-        yb = tl.reshape(tl.join(yb, tl.zeros_like(yb)), (BM * R, 2 * VEC))
-    if VEC <= KP // 4:
-        yb = tl.reshape(tl.join(yb, tl.zeros_like(yb)), (BM * R, 4 * VEC))
-    if VEC <= KP // 8:
-        yb = tl.reshape(tl.join(yb, tl.zeros_like(yb)), (BM * R, 8 * VEC))
+    yb = _pad_blocks(yb, BM * R, VEC, KP)
     kp = tl.arange(0, KP)
     # spare columns 1 and 3 (coordinates sit on multiples of KP // VEC >= 2): 1 and ‖y_j‖²/2
     yb = yb + tl.where(kp == 1, 1.0, 0.0)[None, :] + tl.where(kp == 3, 1.0, 0.0)[None, :] * half_sq[:, None]
