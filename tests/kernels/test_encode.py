@@ -67,12 +67,13 @@ def test_encode_vq_triton_search(name: str, search: str) -> None:
     with an argmin, or with distance and index keyed in one int) stores the codec's codes;
     37 tokens leave the last program partly masked."""
     pytest.importorskip("triton")
+    from kvshrink.kernels.encode.pad import SEARCH_FLAGS
+
+    mma, keyed = SEARCH_FLAGS[search]
     codec = StubVQ(*STUBS[name])
     x = gaussian_kv(3, (2, 2, 37, 64)).half()
     for role in ("key", "value"):
-        codes, norm = encode_vq(
-            x, codec, role, backend="triton", mma=search != "loop", keyed=search == "keyed"
-        )
+        codes, norm = encode_vq(x, codec, role, backend="triton", mma=mma, keyed=keyed)
         assert_same_codes(x, codec, role, codes, norm)
 
 

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from ..layout import CodeLayout
-from .pad import KP, keyed_supported, mma_ok, mma_supported, pad_codebook
+from .pad import KP, keyed_supported, mma_supported, pad_codebook, resolve_search
 
 __all__ = ["encode_vq_triton"]
 
@@ -219,20 +219,19 @@ def encode_vq_triton(
 ) -> None:
     """Encode ``x`` [B, Hkv, T, d] into ``codes_out``/``norm_out`` [B, Hkv, TCAP, ...] at ``start[b]+t``.
 
-    ``mma``: the tensor-core search (None: wherever :func:`mma_ok`); ``keyed``: its one-int
-    ``min`` form (None: wherever :func:`~.pad.keyed_supported`; measured faster at k=8, N=256); ``padded``: its :func:`pad_codebook`,
+    ``mma``: the tensor-core search; ``keyed``: its one-int ``min`` form (None for either: the
+    measured default, :func:`~.pad.resolve_search`); ``padded``: its :func:`pad_codebook`,
     and ``cn2``, the codewords' squared norms: built here when not given (callers cache them)."""
     b, hkv, t, d = x.shape
     m = b * hkv * t
     cb = codebook.float().contiguous()
     cn2 = (cb * cb).sum(-1) if cn2 is None else cn2  # [N] ‖c‖² (callers cache it)
-    use_mma = mma_ok(layout, d) if mma is None else mma
+    use_mma, use_keyed = resolve_search(layout, d, mma, keyed)
     block = block or 32  # for the tensor-core search: the fastest of an H100 sweep at k=8 (BN=64, 8 warps)
     cp = cb  # unused by the loop
     if use_mma:
         assert mma_supported(layout, d) and layout.levels >= bn, f"no tensor-core search for {layout}"
         cp = padded if padded is not None else pad_codebook(cb)
-    use_keyed = use_mma and (keyed_supported(layout, d) if keyed is None else keyed)
     assert not use_keyed or keyed_supported(layout, d), f"no keyed search for {layout}"
     grid = (triton.cdiv(m, block),)
     _encode_kernel[grid](

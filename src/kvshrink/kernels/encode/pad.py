@@ -15,6 +15,7 @@ __all__ = [
     "mma_ok",
     "mma_supported",
     "pad_codebook",
+    "resolve_search",
     "supported_searches",
 ]
 
@@ -56,11 +57,17 @@ def supported_searches(layout: CodeLayout, d: int) -> list[str]:
     return ["loop"] + ["mma"] * mma_supported(layout, d) + ["keyed"] * keyed_supported(layout, d)
 
 
+def resolve_search(layout: CodeLayout, d: int, mma: bool | None, keyed: bool | None) -> tuple[bool, bool]:
+    """``(mma, keyed)`` the encode kernel runs for ``encode_vq``'s arguments: None picks the
+    measured default (:func:`mma_ok`, then keyed wherever :func:`keyed_supported`)."""
+    use_mma = mma_ok(layout, d) if mma is None else mma
+    return use_mma, use_mma and (keyed_supported(layout, d) if keyed is None else keyed)
+
+
 def default_search(layout: CodeLayout, d: int) -> str:
-    """The search ``encode_vq`` runs when neither ``mma`` nor ``keyed`` is given."""
-    if not mma_ok(layout, d):
-        return "loop"
-    return "keyed" if keyed_supported(layout, d) else "mma"
+    """The name of the search ``encode_vq`` runs when neither ``mma`` nor ``keyed`` is given."""
+    flags = resolve_search(layout, d, None, None)
+    return next(name for name, f in SEARCH_FLAGS.items() if f == flags)
 
 
 def pad_codebook(codebook: torch.Tensor) -> torch.Tensor | None:
