@@ -281,6 +281,24 @@ def test_decode_attention_cuda_vector_codebook(name: str, asm: bool, gather: boo
     assert_close_to_reference(out, q, pk, pv, lengths, window, codec)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["int4", "tq-b4", "fq-k4-b8"])
+@pytest.mark.parametrize("maxnreg", [128, 96])
+def test_decode_attention_cuda_register_cap(name: str, maxnreg: int) -> None:
+    """A register cap (more programs per SM, spills allowed) changes no result."""
+    codec = CODECS[name]()
+    q, pk, pv, lengths, window = _case(
+        codec, b=3, hkv=8, g=4, t=512, d=128, w=64, seed=17, lengths=(512, 301, 1)
+    )
+    q, lengths = q.cuda(), lengths.cuda()
+    pk, pv = pk.to("cuda"), pv.to("cuda")
+    window = Window(*(x.cuda() for x in window))
+    cfg = {"maxnreg": maxnreg}
+    out = decode_attention(q, pk, pv, lengths, window, codec=codec, backend="triton", config=cfg)
+    assert_close_to_reference(out, q, pk, pv, lengths, window, codec)
+
+
 def test_import_is_light() -> None:
     import subprocess
     import sys

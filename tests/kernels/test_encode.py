@@ -77,6 +77,24 @@ def test_encode_vq_triton_search(name: str, search: str) -> None:
         assert_same_codes(x, codec, role, codes, norm)
 
 
+@pytest.mark.parametrize("name", ["tq-b2", "fq-k2-b4", "fq-k4-b8"])
+def test_encode_loop_unrolled_stores_the_same_codes(name: str) -> None:
+    """The CUDA-core search with 4 codewords per loop trip stores what the codec stores."""
+    pytest.importorskip("triton")
+    from kvshrink.kernels.encode import _shared
+    from kvshrink.kernels.encode.kernel import encode_vq_triton
+
+    codec = StubVQ(*STUBS[name])
+    x = gaussian_kv(4, (2, 2, 37, 64)).half()
+    lay = layout_of(codec, "key", 64)
+    rot, cb, _, cn2 = _shared(codec, 64, "key", x.device)
+    codes = torch.empty(2, 2, 37, lay.row_bytes(64), dtype=torch.uint8)
+    norm = torch.empty(2, 2, 37, dtype=torch.float16)
+    start = torch.zeros(2, dtype=torch.int32)
+    encode_vq_triton(x, rot, cb, lay, codes, norm, start, mma=False, keyed=False, cn2=cn2, unroll=4)
+    assert_same_codes(x, codec, "key", codes, norm)
+
+
 class _TwiceVQ(StubVQ):
     """Every codeword twice (second half = first half): exact ties on every search."""
 

@@ -45,7 +45,10 @@ class DecodeConfig(dict):
     of L1 loads), ``magic`` (sub-stream kernel: integer codes and 16-level codebooks to fp16 by
     the PTX of ``magic.py``; None: on CUDA where it measured faster), ``vq`` (True/False: the
     vector-codebook kernel of ``kernel_vq.py`` for FibQuant) and its ``asm`` (codeword words split
-    into fp16 by PTX ``mov``; None: on CUDA). ``sub``, ``prefetch`` and ``gather`` left at None: where they measured faster."""
+    into fp16 by PTX ``mov``; None: on CUDA). ``maxnreg``: a cap on registers per thread (None:
+    the compiler's choice, 216-220 for these kernels, which fits two 4-warp programs per SM; 128
+    fits four, at the price of spills). ``sub``, ``prefetch`` and ``gather`` left at None: where
+    they measured faster."""
 
 
 def role_args(lay: CodeLayout, d: int, bt: int, select: bool) -> tuple:
@@ -87,6 +90,7 @@ DEFAULTS = {
     "magic": None,
     "vq": None,
     "asm": None,
+    "maxnreg": None,
 }
 
 

@@ -465,6 +465,7 @@ def decode_attention_triton(
     qk_scale = (1.0 / math.sqrt(d) if scale is None else scale) * math.log2(math.e)
     qc = q.contiguous()
     grid = (ns + has_win, b * hkv)
+    launch = {} if cfg["maxnreg"] is None else {"maxnreg": int(cfg["maxnreg"])}  # CUDA-only option
     common = (qc, kc, ks, km, vc, vs, vm, rot16, cbk, cbv, lengths, wk, wv, wlen, o_part, lse_part)
     common += (qk_scale, hkv, t, tgk, tgv, w_cap, ns, split, g, bg, d, bt, has_win)
     if use_vq:
@@ -503,6 +504,7 @@ def decode_attention_triton(
             True if cfg["gather"] is None else bool(cfg["gather"]),  # smem gathers: 422 vs 795 us
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
+            **launch,
         )
     elif sub:
         kw = sub_word(lk, d, 16)
@@ -520,6 +522,7 @@ def decode_attention_triton(
             magic_args(lv, d, vw, magic, vq["value_bits"] if vq else None),
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
+            **launch,
         )
     else:
         _split_kernel[grid](
@@ -532,6 +535,7 @@ def decode_attention_triton(
             and gather_ok(lv),
             num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
+            **launch,
         )
     rot_v = lv.kind == "vq"
     dc = min(32, d) if rot_v else d

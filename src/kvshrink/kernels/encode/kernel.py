@@ -40,26 +40,40 @@ __all__ = ["encode_vq_triton"]
 
 @triton.jit
 def _argmin_loop(
-    y, cb_ptr, cn2_ptr, BM: tl.constexpr, D: tl.constexpr, VEC: tl.constexpr, NLEV: tl.constexpr
+    y,
+    cb_ptr,
+    cn2_ptr,
+    BM: tl.constexpr,
+    D: tl.constexpr,
+    VEC: tl.constexpr,
+    NLEV: tl.constexpr,
+    U: tl.constexpr,
 ):
-    """``[BM, D // VEC]`` nearest-codeword indices of ``y`` by a running argmin on CUDA cores."""
+    """``[BM, D // VEC]`` nearest-codeword indices of ``y`` by a running argmin on CUDA cores.
+
+    ``U`` codewords per trip of the runtime loop (unrolled, in index order, so strict ``<`` still
+    keeps the first index): their loads issue together instead of one load latency per codeword."""
     best = tl.full((BM, D // VEC), float("inf"), tl.float32)
     arg = tl.zeros((BM, D // VEC), tl.int32)
     if VEC == 1:  # scalar levels: no block axis to reduce
-        for n in range(NLEV):
-            dist = tl.load(cn2_ptr + n) - 2.0 * (y * tl.load(cb_ptr + n))  # [BM, D]
-            better = dist < best
-            best = tl.where(better, dist, best)
-            arg = tl.where(better, n, arg)
+        for n0 in range(0, NLEV, U):
+            for u in tl.static_range(U):
+                n = n0 + u
+                dist = tl.load(cn2_ptr + n) - 2.0 * (y * tl.load(cb_ptr + n))  # [BM, D]
+                better = dist < best
+                best = tl.where(better, dist, best)
+                arg = tl.where(better, n, arg)
     else:
         y3 = tl.reshape(y, (BM, D // VEC, VEC))
         cv = tl.arange(0, VEC)
-        for n in range(NLEV):
-            c = tl.load(cb_ptr + n * VEC + cv)  # [VEC]
-            dist = tl.load(cn2_ptr + n) - 2.0 * tl.sum(y3 * c[None, None, :], 2)  # [BM, R]
-            better = dist < best
-            best = tl.where(better, dist, best)
-            arg = tl.where(better, n, arg)
+        for n0 in range(0, NLEV, U):
+            for u in tl.static_range(U):
+                n = n0 + u
+                c = tl.load(cb_ptr + n * VEC + cv)  # [VEC]
+                dist = tl.load(cn2_ptr + n) - 2.0 * tl.sum(y3 * c[None, None, :], 2)  # [BM, R]
+                better = dist < best
+                best = tl.where(better, dist, best)
+                arg = tl.where(better, n, arg)
     return arg
 
 
@@ -168,6 +182,7 @@ def _encode_kernel(
     BN: tl.constexpr,
     KEYED: tl.constexpr,
     IB: tl.constexpr,
+    U: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
@@ -184,7 +199,7 @@ def _encode_kernel(
     elif MMA:
         arg = _argmin_mma(y, cp_ptr, cn2_ptr, BM, D, VEC, NLEV, KP, BN)
     else:
-        arg = _argmin_loop(y, cb_ptr, cn2_ptr, BM, D, VEC, NLEV)
+        arg = _argmin_loop(y, cb_ptr, cn2_ptr, BM, D, VEC, NLEV, U)
     shifts = tl.arange(0, P) * BITS
     words = tl.sum(tl.reshape(arg, (BM, NW, P)) << shifts[None, None, :], 2)  # [BM, NW]
     bh = rows // T
@@ -216,12 +231,16 @@ def encode_vq_triton(
     bn: int = 64,
     cn2: torch.Tensor | None = None,
     keyed: bool | None = None,
+    maxnreg: int | None = None,
+    unroll: int = 1,
 ) -> None:
     """Encode ``x`` [B, Hkv, T, d] into ``codes_out``/``norm_out`` [B, Hkv, TCAP, ...] at ``start[b]+t``.
 
     ``mma``: the tensor-core search; ``keyed``: its one-int ``min`` form (None for either: the
     measured default, :func:`~.pad.resolve_search`); ``padded``: its :func:`pad_codebook`,
-    and ``cn2``, the codewords' squared norms: built here when not given (callers cache them)."""
+    and ``cn2``, the codewords' squared norms: built here when not given (callers cache them);
+    ``maxnreg``: a register cap per thread (CUDA only; None: the compiler's choice); ``unroll``:
+    codewords per trip of the CUDA-core search's loop (a power of two dividing ``N``)."""
     b, hkv, t, d = x.shape
     m = b * hkv * t
     cb = codebook.float().contiguous()
@@ -261,5 +280,7 @@ def encode_vq_triton(
         bn,
         use_keyed,
         max(1, (layout.levels - 1).bit_length()),
+        unroll if layout.levels % unroll == 0 else 1,
         num_warps=num_warps,
+        **({} if maxnreg is None else {"maxnreg": int(maxnreg)}),
     )
