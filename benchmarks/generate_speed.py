@@ -38,7 +38,7 @@ from kvshrink.data import load_text
 from kvshrink.eval.plots import save_png
 from kvshrink.models import load_model
 
-SPECS = "int4;kivi:b=2;turboquant:b=2;fibquant:b=2"
+SPECS = "int4;kivi:b=2;turboquant:b=2;fibquant:b=2;fibquant:b=2+cache:dtype=float16"
 
 
 def cpu_name() -> str:
@@ -224,7 +224,9 @@ def main() -> None:
         plot(saved["records"], base + ".png")
         return
     torch.set_num_threads(args.threads)
-    specs = [s for s in args.specs.split(";") if s.split("+")[-1].split(":")[0] in CODECS]
+    # a spec runs when its codec stage is registered (optional codecs may be absent); the codec
+    # stage need not be the last one (``fibquant:b=2+cache:dtype=float16``)
+    specs = [s for s in args.specs.split(";") if any(st.split(":")[0] in CODECS for st in s.split("+"))]
     model, tok = load_model(args.model)
     text = load_text("paul-graham")
     ids_all = tok(text[: 8 * max(int(c) for c in args.contexts.split(","))], return_tensors="pt").input_ids
