@@ -141,7 +141,7 @@ def main() -> None:
     ap.add_argument(
         "--encode",
         action="store_true",
-        help="the fused encode kernel instead (config keys: mma); its hot loop is the codeword search",
+        help="the fused encode kernel instead (config keys: mma, keyed, block, num_warps, maxnreg); its hot loop is the codeword search",
     )
     args = ap.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)
@@ -159,14 +159,28 @@ def main() -> None:
             win = Window(w, w, torch.tensor([16]))
         seen.clear()
         if args.encode:
-            from kvshrink.kernels.encode import encode_vq
+            from kvshrink.kernels import layout_of
+            from kvshrink.kernels.encode import _shared
+            from kvshrink.kernels.encode.kernel import encode_vq_triton
 
-            encode_vq(
-                torch.randn(1, 2, 64, 128),
-                codec,
-                "key",
-                backend="triton",
+            x = torch.randn(1, 2, 64, 128)
+            lay = layout_of(codec, "key", 128)
+            rot, cb, padded, cn2 = _shared(codec, 128, "key", x.device)
+            encode_vq_triton(
+                x,
+                rot,
+                cb,
+                lay,
+                torch.empty(1, 2, 64, lay.row_bytes(128), dtype=torch.uint8),
+                torch.empty(1, 2, 64, dtype=torch.float16),
+                torch.zeros(1, dtype=torch.int32),
+                block=cfg.get("block"),
+                num_warps=cfg.get("num_warps", 8),
                 mma=cfg.get("mma"),
+                keyed=cfg.get("keyed"),
+                padded=padded,
+                cn2=cn2,
+                maxnreg=cfg.get("maxnreg"),
             )
         else:
             decode_attention_triton(q, pk, pv, torch.tensor([256]), win, codec, None, cfg)

@@ -77,9 +77,11 @@ def test_encode_vq_triton_search(name: str, search: str) -> None:
         assert_same_codes(x, codec, role, codes, norm)
 
 
-@pytest.mark.parametrize("name", ["tq-b2", "fq-k2-b4", "fq-k4-b8"])
-def test_encode_loop_unrolled_stores_the_same_codes(name: str) -> None:
-    """The CUDA-core search with 4 codewords per loop trip stores what the codec stores."""
+@pytest.mark.parametrize("name", ["tq-b2", "fq-k2-b4", "fq-k4-b8", "fq-k8-b8"])
+@pytest.mark.parametrize("block", [16, 64])
+def test_encode_loop_launch_options_store_the_same_codes(name: str, block: int) -> None:
+    """The CUDA-core search (coordinates split into thread-local tiles) at other tile sizes and
+    warp counts than the default stores what the codec stores."""
     pytest.importorskip("triton")
     from kvshrink.kernels.encode import _shared
     from kvshrink.kernels.encode.kernel import encode_vq_triton
@@ -91,7 +93,9 @@ def test_encode_loop_unrolled_stores_the_same_codes(name: str) -> None:
     codes = torch.empty(2, 2, 37, lay.row_bytes(64), dtype=torch.uint8)
     norm = torch.empty(2, 2, 37, dtype=torch.float16)
     start = torch.zeros(2, dtype=torch.int32)
-    encode_vq_triton(x, rot, cb, lay, codes, norm, start, mma=False, keyed=False, cn2=cn2, unroll=4)
+    encode_vq_triton(
+        x, rot, cb, lay, codes, norm, start, block=block, num_warps=4, mma=False, keyed=False, cn2=cn2
+    )
     assert_same_codes(x, codec, "key", codes, norm)
 
 

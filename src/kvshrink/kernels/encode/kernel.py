@@ -39,6 +39,40 @@ __all__ = ["encode_vq_triton"]
 
 
 @triton.jit
+def _halve(x, BM: tl.constexpr, R: tl.constexpr, W: tl.constexpr):
+    """``[BM, R, W]`` -> its even and odd coordinates, ``[BM, R, W // 2]`` each (``[BM, R]`` at W=2)."""
+    if W == 2:
+        a, b = tl.split(x)
+    else:
+        a, b = tl.split(tl.reshape(x, (BM, R, W // 2, 2)))
+    return a, b
+
+
+@triton.jit
+def _coords(y, BM: tl.constexpr, R: tl.constexpr, VEC: tl.constexpr):
+    """The ``VEC`` coordinate tiles ``[BM, R]`` of ``y`` ``[BM, R·VEC]`` cut into blocks, in order."""
+    y3 = tl.reshape(y, (BM, R, VEC))
+    if VEC == 2:
+        c0, c1 = _halve(y3, BM, R, 2)
+        out = (c0, c1)
+    elif VEC == 4:
+        e, o = _halve(y3, BM, R, 4)  # coordinates (0, 2) and (1, 3)
+        c0, c2 = _halve(e, BM, R, 2)
+        c1, c3 = _halve(o, BM, R, 2)
+        out = (c0, c1, c2, c3)
+    else:
+        e, o = _halve(y3, BM, R, 8)  # (0, 2, 4, 6) and (1, 3, 5, 7)
+        ee, eo = _halve(e, BM, R, 4)  # (0, 4), (2, 6)
+        oe, oo = _halve(o, BM, R, 4)  # (1, 5), (3, 7)
+        c0, c4 = _halve(ee, BM, R, 2)
+        c2, c6 = _halve(eo, BM, R, 2)
+        c1, c5 = _halve(oe, BM, R, 2)
+        c3, c7 = _halve(oo, BM, R, 2)
+        out = (c0, c1, c2, c3, c4, c5, c6, c7)
+    return out
+
+
+@triton.jit
 def _argmin_loop(
     y,
     cb_ptr,
@@ -47,33 +81,40 @@ def _argmin_loop(
     D: tl.constexpr,
     VEC: tl.constexpr,
     NLEV: tl.constexpr,
-    U: tl.constexpr,
 ):
-    """``[BM, D // VEC]`` nearest-codeword indices of ``y`` by a running argmin on CUDA cores.
-
-    ``U`` codewords per trip of the runtime loop (unrolled, in index order, so strict ``<`` still
-    keeps the first index): their loads issue together instead of one load latency per codeword."""
+    """``[BM, D // VEC]`` nearest-codeword indices of ``y`` by a running argmin on CUDA cores
+    (strict ``<`` in index order keeps the first index; the compiler unrolls 4-8 codewords per
+    trip on its own)."""
     best = tl.full((BM, D // VEC), float("inf"), tl.float32)
     arg = tl.zeros((BM, D // VEC), tl.int32)
     if VEC == 1:  # scalar levels: no block axis to reduce
-        for n0 in range(0, NLEV, U):
-            for u in tl.static_range(U):
-                n = n0 + u
-                dist = tl.load(cn2_ptr + n) - 2.0 * (y * tl.load(cb_ptr + n))  # [BM, D]
-                better = dist < best
-                best = tl.where(better, dist, best)
-                arg = tl.where(better, n, arg)
-    else:
+        for n in range(NLEV):
+            dist = tl.load(cn2_ptr + n) - 2.0 * (y * tl.load(cb_ptr + n))  # [BM, D]
+            better = dist < best
+            best = tl.where(better, dist, best)
+            arg = tl.where(better, n, arg)
+    elif VEC > 8:  # no coordinate split written past 8: the block axis summed (across lanes)
         y3 = tl.reshape(y, (BM, D // VEC, VEC))
         cv = tl.arange(0, VEC)
-        for n0 in range(0, NLEV, U):
-            for u in tl.static_range(U):
-                n = n0 + u
-                c = tl.load(cb_ptr + n * VEC + cv)  # [VEC]
-                dist = tl.load(cn2_ptr + n) - 2.0 * tl.sum(y3 * c[None, None, :], 2)  # [BM, R]
-                better = dist < best
-                best = tl.where(better, dist, best)
-                arg = tl.where(better, n, arg)
+        for n in range(NLEV):
+            c = tl.load(cb_ptr + n * VEC + cv)  # [VEC]
+            dist = tl.load(cn2_ptr + n) - 2.0 * tl.sum(y3 * c[None, None, :], 2)  # [BM, R]
+            better = dist < best
+            best = tl.where(better, dist, best)
+            arg = tl.where(better, n, arg)
+    else:
+        # one [BM, R] tile per block coordinate, so a distance is VEC thread-local FMAs against
+        # scalar codeword coordinates: a [BM, R, VEC] product summed over its last axis put that
+        # axis across lanes, two shuffles and 17 SASS per distance (kernel_sass.py --encode)
+        R: tl.constexpr = D // VEC
+        ys = _coords(y, BM, R, VEC)
+        for n in range(NLEV):
+            dist = tl.load(cn2_ptr + n) + ys[0] * (-2.0 * tl.load(cb_ptr + n * VEC))  # [BM, R]
+            for c in tl.static_range(1, VEC):
+                dist += ys[c] * (-2.0 * tl.load(cb_ptr + n * VEC + c))
+            better = dist < best
+            best = tl.where(better, dist, best)
+            arg = tl.where(better, n, arg)
     return arg
 
 
@@ -182,7 +223,6 @@ def _encode_kernel(
     BN: tl.constexpr,
     KEYED: tl.constexpr,
     IB: tl.constexpr,
-    U: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
@@ -199,7 +239,7 @@ def _encode_kernel(
     elif MMA:
         arg = _argmin_mma(y, cp_ptr, cn2_ptr, BM, D, VEC, NLEV, KP, BN)
     else:
-        arg = _argmin_loop(y, cb_ptr, cn2_ptr, BM, D, VEC, NLEV, U)
+        arg = _argmin_loop(y, cb_ptr, cn2_ptr, BM, D, VEC, NLEV)
     shifts = tl.arange(0, P) * BITS
     words = tl.sum(tl.reshape(arg, (BM, NW, P)) << shifts[None, None, :], 2)  # [BM, NW]
     bh = rows // T
@@ -232,15 +272,13 @@ def encode_vq_triton(
     cn2: torch.Tensor | None = None,
     keyed: bool | None = None,
     maxnreg: int | None = None,
-    unroll: int = 1,
 ) -> None:
     """Encode ``x`` [B, Hkv, T, d] into ``codes_out``/``norm_out`` [B, Hkv, TCAP, ...] at ``start[b]+t``.
 
     ``mma``: the tensor-core search; ``keyed``: its one-int ``min`` form (None for either: the
     measured default, :func:`~.pad.resolve_search`); ``padded``: its :func:`pad_codebook`,
     and ``cn2``, the codewords' squared norms: built here when not given (callers cache them);
-    ``maxnreg``: a register cap per thread (CUDA only; None: the compiler's choice); ``unroll``:
-    codewords per trip of the CUDA-core search's loop (a power of two dividing ``N``)."""
+    ``maxnreg``: a register cap per thread (CUDA only; None: the compiler's choice)."""
     b, hkv, t, d = x.shape
     m = b * hkv * t
     cb = codebook.float().contiguous()
@@ -280,7 +318,6 @@ def encode_vq_triton(
         bn,
         use_keyed,
         max(1, (layout.levels - 1).bit_length()),
-        unroll if layout.levels % unroll == 0 else 1,
         num_warps=num_warps,
         **({} if maxnreg is None else {"maxnreg": int(maxnreg)}),
     )
