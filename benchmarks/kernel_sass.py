@@ -97,6 +97,15 @@ _LABEL = re.compile(r"^\.(L_x_\d+):", re.M)
 _BRA = re.compile(r"BRA\s+(?:`\()?\.?(L_x_\d+)")
 
 
+def blocks_per_sm(regs: int, smem: int, warps: int) -> int:
+    """Resident programs per SM on sm_90: 64K registers (allocated per warp in 256s), 227 KB of
+    shared memory per block at most 228 KB per SM (1 KB reserved per block), 64 warps, 32 blocks."""
+    per_warp = -(-regs * 32 // 256) * 256
+    by_regs = 65536 // (per_warp * warps)
+    by_smem = 233472 // (smem + 1024) if smem else 32
+    return max(0, min(by_regs, by_smem, 64 // warps, 32))
+
+
 def hot_loop(sass: str) -> list[str]:
     """Instructions of the largest loop body (label .. backward branch to it)."""
     lines = sass.splitlines()
@@ -188,6 +197,8 @@ def main() -> None:
             if not name.startswith("_split" if not args.encode else "_encode"):
                 continue
             sass, regs, stack = sass_of(k)
+            smem = int(k.metadata.shared)
+            occ = blocks_per_sm(regs, smem, k.metadata.num_warps)
             loop = hot_loop(sass)
             bt = int(bound["BT"] if "BT" in bound else bound["BM"])
             nwarps = k.metadata.num_warps
@@ -201,6 +212,8 @@ def main() -> None:
                     "kernel": name,
                     "regs": regs,
                     "stack": stack,
+                    "smem": smem,
+                    "blocks_per_sm": occ,
                     "sass": len(_INSN.findall(sass)),
                     "loop": len(loop),
                     "num_warps": nwarps,
@@ -211,7 +224,8 @@ def main() -> None:
             )
             if not args.json:
                 print(
-                    f"{method:24s} {name:18s} regs {regs:3d} stack {stack:3d} sass {rows[-1]['sass']:5d} "
+                    f"{method:24s} {name:18s} regs {regs:3d} stack {stack:3d} smem {smem // 1024:3d}K "
+                    f"blocks/SM {occ} sass {rows[-1]['sass']:5d} "
                     f"loop {len(loop):5d} (x{nwarps} warps = {per_token:.1f} warp-instr per {unit} at {bt} per block)"
                 )
                 print(f"    {top}")
