@@ -107,13 +107,18 @@ def family(spec: str) -> str:
     name = f"{stage.name} k={opts.pop('k', '4')}" if stage.name == "fibquant" else stage.name
     extra = sorted(k for k in opts if k not in ("b", "n", "seed", "kb", "vb"))
     name += f" ({', '.join(f'{k}={opts[k]}' for k in extra)})" if extra else ""
-    return name + (" per-layer" if is_layerwise(spec) else "")
+    from .heavy import is_heavy
+
+    return name + (" per-layer" if is_layerwise(spec) else "") + (" + heavy tokens" if is_heavy(spec) else "")
 
 
 def build_method(spec: str):
     """Validate and build a frontier method from its spec (fails before any model is loaded)."""
+    from .heavy import HeavyMethod, is_heavy
     from .layerwise import LayerwiseMethod, is_layerwise
 
+    if is_heavy(spec):  # heavy:..+METHOD: a wrapper, before the layer plan it may wrap
+        return HeavyMethod(spec)
     if is_layerwise(spec):
         return LayerwiseMethod(spec)
     stages = split_stages(spec)
