@@ -402,6 +402,12 @@ def main() -> int:
         "--max-minutes", type=float, default=0.0, help="stop before a case round that would end past this"
     )
     ap.add_argument("--levels", default="4,8", help="compression levels to run (of 4,8)")
+    ap.add_argument(
+        "--level-rows",
+        type=int,
+        default=0,
+        help="only the first N kvshrink candidates of each level (0: all)",
+    )
     ap.add_argument("--stem", default="", help="output file stem (default longbench-smollm2)")
     ap.add_argument(
         "--recall",
@@ -452,7 +458,7 @@ def main() -> int:
     wanted = {int(x) for x in args.levels.split(",") if x.strip()}
     if not wanted or not wanted <= set(LEVELS):
         raise SystemExit(f"--levels: expected a subset of {sorted(LEVELS)}, got {args.levels!r}")
-    chosen = {k: v for k, v in LEVELS.items() if k in wanted}
+    chosen = {k: (r, c[: args.level_rows or None]) for k, (r, c) in LEVELS.items() if k in wanted}
     levels = {k: (r, [build_longbench_method(x).name for x in c + extra]) for k, (r, c) in chosen.items()}
     if not kvpress_available():
         print(
