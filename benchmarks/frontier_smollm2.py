@@ -336,11 +336,13 @@ def main() -> int:
             if args.only and "baseline_ppl" in data.get("targets", {}):
                 print(f"baseline ppl here {base:.4f}, in the table {data['targets']['baseline_ppl']:.4f}")
                 base = data["targets"]["baseline_ppl"]
+            # rows of earlier --candidates runs are not in TARGETS now: kept as they were
+            earlier = [r for r in data.get("targets", {}).get("rows", []) if r["target"] not in TARGETS]
             data["targets"] = {
                 "windows": cfg.windows,
                 "seeds": args.seeds,
                 "baseline_ppl": base,
-                "rows": aggregate_targets(runs, args.seeds),
+                "rows": aggregate_targets(runs, args.seeds) + earlier,
                 "runs": runs,
             }
             write()
