@@ -72,6 +72,14 @@ def _case(
     return q, pk, pv, lengths, Window(win_k, win_v, wl)
 
 
+def _llama_case_cuda(codec, seed: int):
+    """Llama-3-8B heads (Hq=32, Hkv=8, d=128), varlen (512, 301, 1) and a window of 64, on CUDA."""
+    q, pk, pv, lengths, window = _case(
+        codec, b=3, hkv=8, g=4, t=512, d=128, w=64, seed=seed, lengths=(512, 301, 1)
+    )
+    return q.cuda(), pk.to("cuda"), pv.to("cuda"), lengths.cuda(), Window(*(x.cuda() for x in window))
+
+
 def assert_close_to_reference(out, q, pk, pv, lengths, window, codec, fp16_factor: float = 2.0) -> None:
     """STYLE.md rule: error vs fp32 reference <= 2x the same reference's fp16 error + floor
     (``fp16_factor``: a path that rounds to fp16 more often than the reference says by how much)."""
@@ -222,14 +230,9 @@ def test_dispatch_without_triton_uses_reference() -> None:
 def test_decode_attention_cuda_llama_shape(name: str) -> None:
     """Llama-3-8B heads (Hq=32, Hkv=8, d=128) on the GPU, varlen and window."""
     codec = CODECS[name]()
-    q, pk, pv, lengths, window = _case(
-        codec, b=3, hkv=8, g=4, t=512, d=128, w=64, seed=7, lengths=(512, 301, 1)
-    )
-    dev = [x.cuda() if isinstance(x, torch.Tensor) else x for x in (q, lengths)]
-    pk, pv = pk.to("cuda"), pv.to("cuda")
-    window = Window(*(x.cuda() for x in window))
-    out = decode_attention(dev[0], pk, pv, dev[1], window, codec=codec)
-    assert_close_to_reference(out, dev[0], pk, pv, dev[1], window, codec)
+    q, pk, pv, lengths, window = _llama_case_cuda(codec, seed=7)
+    out = decode_attention(q, pk, pv, lengths, window, codec=codec)
+    assert_close_to_reference(out, q, pk, pv, lengths, window, codec)
 
 
 @pytest.mark.gpu
@@ -247,12 +250,7 @@ def test_decode_attention_cuda_magic_unpack(name: str, stages: int) -> None:
     under 1e-3 relative) and 2 fp16 ulps from the plain path; the bound is 4x, and the two
     paths must agree to 2e-3 of the output's scale (4 ulps)."""
     codec = CODECS[name]()
-    q, pk, pv, lengths, window = _case(
-        codec, b=3, hkv=8, g=4, t=512, d=128, w=64, seed=11, lengths=(512, 301, 1)
-    )
-    q, lengths = q.cuda(), lengths.cuda()
-    pk, pv = pk.to("cuda"), pv.to("cuda")
-    window = Window(*(x.cuda() for x in window))
+    q, pk, pv, lengths, window = _llama_case_cuda(codec, seed=11)
     outs = {}
     for magic in (True, False):
         cfg = {"sub": True, "magic": magic, "num_stages": stages}
@@ -270,12 +268,7 @@ def test_decode_attention_cuda_magic_unpack(name: str, stages: int) -> None:
 def test_decode_attention_cuda_vector_codebook(name: str, asm: bool, gather: bool) -> None:
     """The vector-codebook kernel on the GPU, codewords split by PTX ``mov`` or by shifts."""
     codec = CODECS[name]()
-    q, pk, pv, lengths, window = _case(
-        codec, b=3, hkv=8, g=4, t=512, d=128, w=64, seed=13, lengths=(512, 301, 1)
-    )
-    q, lengths = q.cuda(), lengths.cuda()
-    pk, pv = pk.to("cuda"), pv.to("cuda")
-    window = Window(*(x.cuda() for x in window))
+    q, pk, pv, lengths, window = _llama_case_cuda(codec, seed=13)
     cfg = {"vq": True, "asm": asm, "gather": gather}
     out = decode_attention(q, pk, pv, lengths, window, codec=codec, backend="triton", config=cfg)
     assert_close_to_reference(out, q, pk, pv, lengths, window, codec)
@@ -288,12 +281,7 @@ def test_decode_attention_cuda_vector_codebook(name: str, asm: bool, gather: boo
 def test_decode_attention_cuda_register_cap(name: str, maxnreg: int) -> None:
     """A register cap (more programs per SM, spills allowed) changes no result."""
     codec = CODECS[name]()
-    q, pk, pv, lengths, window = _case(
-        codec, b=3, hkv=8, g=4, t=512, d=128, w=64, seed=17, lengths=(512, 301, 1)
-    )
-    q, lengths = q.cuda(), lengths.cuda()
-    pk, pv = pk.to("cuda"), pv.to("cuda")
-    window = Window(*(x.cuda() for x in window))
+    q, pk, pv, lengths, window = _llama_case_cuda(codec, seed=17)
     cfg = {"maxnreg": maxnreg}
     out = decode_attention(q, pk, pv, lengths, window, codec=codec, backend="triton", config=cfg)
     assert_close_to_reference(out, q, pk, pv, lengths, window, codec)
