@@ -39,8 +39,8 @@ def main() -> None:
     ap.add_argument("--label", default="P5", help="short name of --plan in the rows")
     ap.add_argument(
         "--heavy",
-        default="8@0.75",
-        help="'m@last[:codec];...': tokens kept per KV head, query cutoff, and their codec (default: exact)",
+        default="heavy:m=8,last=0.75",
+        help="heavy stages, ';'-separated (src/kvshrink/eval/heavy.py), e.g. 'heavy:m=8;heavy:m=32,b=4'",
     )
     ap.add_argument("--no-base", action="store_true", help="leave out the plan alone")
     ap.add_argument("--out", default="docs/results")
