@@ -19,9 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from decode_attention import HKV, D, Timer, codec_for
-from kvshrink.kernels import layout_of
-from kvshrink.kernels.encode import _shared
-from kvshrink.kernels.encode.kernel import encode_vq_triton
+from kvshrink.kernels import encode_vq
 
 out_dir = os.environ.get("OUT", "/tmp")
 timer = Timer(15)
@@ -53,32 +51,12 @@ for method, cfgs in plans.items():
     for cfg in cfgs:
 
         def run(cfg=cfg, codec=codec):
-            outs = []
-            for x, role in ((k, "key"), (v, "value")):
-                lay = layout_of(codec, role, D)
-                rot, cb, padded, cn2 = _shared(codec, D, role, x.device)
-                codes = torch.empty(1, HKV, L, lay.row_bytes(D), dtype=torch.uint8, device="cuda")
-                norm = torch.empty(1, HKV, L, dtype=torch.float16, device="cuda")
-                st = torch.zeros(1, dtype=torch.int32, device="cuda")
-                keyed = cfg["search"] == "keyed"
-                encode_vq_triton(
-                    x,
-                    rot,
-                    cb,
-                    lay,
-                    codes,
-                    norm,
-                    st,
-                    block=cfg["block"],
-                    num_warps=cfg["warps"],
-                    mma=keyed,
-                    keyed=keyed,
-                    padded=padded,
-                    cn2=cn2,
-                    maxnreg=cfg.get("maxnreg"),
-                )
-                outs.append(codes)
-            return outs
+            keyed = cfg["search"] == "keyed"
+            opts = {"block": cfg["block"], "num_warps": cfg["warps"], "maxnreg": cfg.get("maxnreg")}
+            return [
+                encode_vq(x, codec, role, backend="triton", mma=keyed, keyed=keyed, **opts)[0]
+                for x, role in ((k, "key"), (v, "value"))
+            ]
 
         try:
             t0 = time.time()

@@ -168,27 +168,17 @@ def main() -> None:
             win = Window(w, w, torch.tensor([16]))
         seen.clear()
         if args.encode:
-            from kvshrink.kernels import layout_of
-            from kvshrink.kernels.encode import _shared
-            from kvshrink.kernels.encode.kernel import encode_vq_triton
+            from kvshrink.kernels.encode import encode_vq
 
-            x = torch.randn(1, 2, 64, 128)
-            lay = layout_of(codec, "key", 128)
-            rot, cb, padded, cn2 = _shared(codec, 128, "key", x.device)
-            encode_vq_triton(
-                x,
-                rot,
-                cb,
-                lay,
-                torch.empty(1, 2, 64, lay.row_bytes(128), dtype=torch.uint8),
-                torch.empty(1, 2, 64, dtype=torch.float16),
-                torch.zeros(1, dtype=torch.int32),
-                block=cfg.get("block"),
-                num_warps=cfg.get("num_warps", 8),
+            encode_vq(
+                torch.randn(1, 2, 64, 128),
+                codec,
+                "key",
+                backend="triton",
                 mma=cfg.get("mma"),
                 keyed=cfg.get("keyed"),
-                padded=padded,
-                cn2=cn2,
+                block=cfg.get("block"),
+                num_warps=cfg.get("num_warps", 8),
                 maxnreg=cfg.get("maxnreg"),
             )
         else:

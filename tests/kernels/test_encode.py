@@ -83,18 +83,10 @@ def test_encode_loop_launch_options_store_the_same_codes(name: str, block: int) 
     """The CUDA-core search (coordinates split into thread-local tiles) at other tile sizes and
     warp counts than the default stores what the codec stores."""
     pytest.importorskip("triton")
-    from kvshrink.kernels.encode import _shared
-    from kvshrink.kernels.encode.kernel import encode_vq_triton
-
     codec = StubVQ(*STUBS[name])
     x = gaussian_kv(4, (2, 2, 37, 64)).half()
-    lay = layout_of(codec, "key", 64)
-    rot, cb, _, cn2 = _shared(codec, 64, "key", x.device)
-    codes = torch.empty(2, 2, 37, lay.row_bytes(64), dtype=torch.uint8)
-    norm = torch.empty(2, 2, 37, dtype=torch.float16)
-    start = torch.zeros(2, dtype=torch.int32)
-    encode_vq_triton(
-        x, rot, cb, lay, codes, norm, start, block=block, num_warps=4, mma=False, keyed=False, cn2=cn2
+    codes, norm = encode_vq(
+        x, codec, "key", backend="triton", mma=False, keyed=False, block=block, num_warps=4
     )
     assert_same_codes(x, codec, "key", codes, norm)
 

@@ -30,6 +30,9 @@ def encode_vq(
     backend: Literal["auto", "triton", "reference"] = "auto",
     mma: bool | None = None,
     keyed: bool | None = None,
+    block: int | None = None,
+    num_warps: int = 8,
+    maxnreg: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode ``x`` [B, Hkv, T, d] with ``codec``'s rotation and ``role`` codebook.
 
@@ -37,7 +40,9 @@ def encode_vq(
     ``out`` cache tensors (capacity ``TCAP``) with rows ``start[b] .. start[b]+T`` written.
     ``mma``: the kernel's nearest-codeword search on tensor cores (None: where it measured faster,
     8- and 16-wide blocks of >= 64 codewords; see ``kernel.py`` and ``pad.py``); ``keyed``: its
-    one-int ``min`` form (None: wherever supported, when the tensor-core search runs).
+    one-int ``min`` form (None: wherever supported, when the tensor-core search runs);
+    ``block``, ``num_warps``, ``maxnreg``: the kernel's launch (rows per program, warps, register
+    cap), for sweeps; the defaults are the measured ones.
     """
     if x.dim() != 4:
         raise InputError(f"encode_vq: expected x of shape [B, Hkv, T, d], got {tuple(x.shape)}")
@@ -59,7 +64,22 @@ def encode_vq(
         )
     if start is None:
         start = torch.zeros(b, dtype=torch.int32, device=x.device)
-    encode_vq_triton(x, rot, cb, layout, out[0], out[1], start, mma=mma, padded=padded, cn2=cn2, keyed=keyed)
+    encode_vq_triton(
+        x,
+        rot,
+        cb,
+        layout,
+        out[0],
+        out[1],
+        start,
+        block=block,
+        num_warps=num_warps,
+        mma=mma,
+        padded=padded,
+        cn2=cn2,
+        keyed=keyed,
+        maxnreg=maxnreg,
+    )
     return out
 
 
