@@ -99,6 +99,7 @@ def family(spec: str) -> str:
     The rate (``b``/``n``) and ``seed`` move a point along its curve; any other option
     (``center``, ``sinks``, ``lloyd=0``...) makes a different curve.
     """
+    from .heavy import is_heavy
     from .layerwise import NAME, is_layerwise
 
     stages = [parse_stage(s) for s in split_stages(spec)]
@@ -107,8 +108,6 @@ def family(spec: str) -> str:
     name = f"{stage.name} k={opts.pop('k', '4')}" if stage.name == "fibquant" else stage.name
     extra = sorted(k for k in opts if k not in ("b", "n", "seed", "kb", "vb"))
     name += f" ({', '.join(f'{k}={opts[k]}' for k in extra)})" if extra else ""
-    from .heavy import is_heavy
-
     return name + (" per-layer" if is_layerwise(spec) else "") + (" + heavy tokens" if is_heavy(spec) else "")
 
 
