@@ -458,6 +458,8 @@ def main() -> int:
     wanted = {int(x) for x in args.levels.split(",") if x.strip()}
     if not wanted or not wanted <= set(LEVELS):
         raise SystemExit(f"--levels: expected a subset of {sorted(LEVELS)}, got {args.levels!r}")
+    if args.level_rows < 0:
+        raise SystemExit(f"--level-rows: expected a count >= 0 (0: every candidate), got {args.level_rows}")
     chosen = {k: (r, c[: args.level_rows or None]) for k, (r, c) in LEVELS.items() if k in wanted}
     levels = {k: (r, [build_longbench_method(x).name for x in c + extra]) for k, (r, c) in chosen.items()}
     if not kvpress_available():
