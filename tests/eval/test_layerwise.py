@@ -13,11 +13,12 @@ from kvshrink.eval.frontier import FrontierConfig, run_frontier
 from kvshrink.eval.layerwise import (
     LayerwiseMethod,
     format_layers,
+    head_slice,
     parse_layer_plan,
     parse_layers,
     shared_parts,
 )
-from kvshrink.eval.methods import CodecMethod, build_method, family
+from kvshrink.eval.methods import CodecMethod, build_method, code_keys, code_values, family
 from tests.policies.tiny import VOCAB, tiny_llama
 
 LAYERS = 4
@@ -166,3 +167,54 @@ def test_shared_state_is_split_into_parts_held_once() -> None:
     # another seed is another rotation and other codebooks: nothing shared
     seeded = LayerwiseMethod("layers:at=[0],codec=[fibquant:b=2,k=4,seed=1]+fibquant:b=2,k=4")
     assert seeded.shared_nbytes(d) == 2 * base.shared_nbytes(d)
+
+
+def test_head_tiers_parse_canonically_and_override_their_layer() -> None:
+    spec = (
+        "layers:at=[3,5],heads=[0],key=[fibquant:b=3,k=4]+layers:at=[3],codec=[fibquant:b=2.5,k=4]"
+        "+layers:at=[7],heads=[1],codec=[fibquant:b=2,k=4]+fibquant:b=2,k=4"
+    )
+    plan = parse_layer_plan(spec)
+    # the head tier equal to what its layer already has vanishes; head tiers print after layer tiers
+    assert str(plan) == (
+        "layers:at=[3],codec=[fibquant:b=2.5,k=4]+layers:at=[3,5],heads=[0],key=[fibquant:b=3,k=4]+fibquant:b=2,k=4"
+    )
+    assert parse_layer_plan(str(plan)) == plan
+    heads = plan.assign_heads(8, 2)
+    assert [c.b for c in heads[3]["key"]] == [3.0, 2.5]
+    assert [c.b for c in heads[3]["value"]] == [2.5, 2.5]
+    assert [c.b for c in heads[5]["key"]] == [3.0, 2.0]
+    for bad, msg in {
+        "int4+layers:at=[0],heads=[1],key=int8+layers:at=[0],heads=[0-1],codec=fp16": "layer 0 head 1 keys are given twice",
+        "int4+layers:at=[0],heads=[x],key=int8": "bad head 'x'",
+    }.items():
+        with pytest.raises(SpecError, match=msg):
+            parse_layer_plan(bad)
+    with pytest.raises(SpecError, match="KV head 2 is out of range for a model with 2 KV heads"):
+        parse_layer_plan("int4+layers:at=[0],heads=[2],key=int8").assign_heads(4, 2)
+    with pytest.raises(SpecError, match="heads= tiers are a frontier plan"):
+        plan.layer_configs(8)
+
+
+def test_each_head_goes_through_its_own_codec(cap) -> None:
+    """A head coded in its own slice gets the codes it gets in the whole layer (white= fits per head)."""
+    hi, lo = "fibquant:b=3,k=4,sinks=1,prerope=1,white=2", "fibquant:b=2,k=4,sinks=1,prerope=1,white=2"
+    spec = f"layers:at=[1],heads=[1],key=[{hi}]+layers:at=[2],heads=[0],value=[int8]+{lo}"
+    res = build_method(spec).compress_layers(cap.layers)
+    whole = {c: CodecMethod(c, make_codec(c)).compress_layers(cap.layers) for c in (hi, lo)}
+    int8 = make_codec("int8")
+    for i, r in enumerate(res):
+        want_k = whole[lo][i].k_hat.clone()
+        want_v = whole[lo][i].v_hat.clone()
+        if i == 1:
+            want_k[:, 1] = whole[hi][i].k_hat[:, 1]
+        if i == 2:
+            want_v[:, 0] = int8.roundtrip(cap.layers[i].v[:, :1], "value")[0][:, 0]
+        torch.testing.assert_close(r.k_hat, want_k, rtol=0, atol=1e-6)
+        torch.testing.assert_close(r.v_hat, want_v, rtol=0, atol=0)
+    # bytes: every slice's own packed bytes, summed
+    layer = cap.layers[1]
+    k_bytes = sum(code_keys(make_codec(c), head_slice(layer, [h]))[1] for c, h in ((lo, 0), (hi, 1)))
+    assert res[1].nbytes == k_bytes + code_values(make_codec(lo), layer)[1]
+    assert res[1].nbytes > whole[lo][1].nbytes  # one key head at 3 bits instead of 2
+    assert res[0].nbytes == whole[lo][0].nbytes

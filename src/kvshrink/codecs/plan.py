@@ -8,7 +8,11 @@ it on listed layers, for both roles or for keys or values only::
     layers:at=[0-1,29],codec=[fibquant:b=3,k=4]+layers:at=[12],value=[fibquant:b=1.5,k=4]+fibquant:b=2,k=4
 
 ``at`` lists layers and ranges ``a-b`` (inclusive); ``codec=`` sets both roles, ``key=`` /
-``value=`` one. Stages may come in any order; the canonical form puts the tiers first (grouped by
+``value=`` one. ``heads=`` narrows a tier to some KV heads of its layers
+(``layers:at=[3],heads=[0],key=[fibquant:b=3,k=4]``): heads of one layer differ as much as layers
+do (one SmolLM2 layer's key heads span 20x in KL, ``benchmarks/head_sensitivity.py``). Head tiers
+override the layer tiers on their heads; the frontier applies them, while a cache layer holds one
+codec, so ``CompressedCache`` refuses a plan with head tiers (:meth:`LayerPlan.layer_configs`). Stages may come in any order; the canonical form puts the tiers first (grouped by
 layer, one tier per distinct key/value pair) and the base codec last, like a policy before its
 codec, so a harness that appends ``,seed=N`` to a spec re-seeds the base codec. A tier codec
 without its own ``seed`` takes the base codec's: one rotation seed per cache, so seed sweeps move
@@ -60,6 +64,7 @@ class LayersConfig(SpecConfig):
     codec: str | None = None
     key: str | None = None
     value: str | None = None
+    heads: str | None = None
 
     def __post_init__(self) -> None:
         if not self.at:
@@ -72,18 +77,21 @@ class LayersConfig(SpecConfig):
             raise SpecError("layers: codec= sets both roles; give it alone, or key= and/or value=")
 
 
-def parse_layers(text: str) -> tuple[int, ...]:
+def parse_layers(text: str, what: str = "at") -> tuple[int, ...]:
     """``"0-2,29"`` -> ``(0, 1, 2, 29)`` (sorted, unique), or a one-line SpecError."""
     out: set[int] = set()
+    noun = "layer" if what == "at" else "head"
     for item in (x.strip() for x in text.split(",")):
         lo, dash, hi = item.partition("-")
         try:
             a = int(lo)
             b = int(hi) if dash else a
         except ValueError:
-            raise SpecError(f"layers: bad layer {item!r} in at=[{text}]; expected e.g. at=[0-2,29]") from None
+            raise SpecError(
+                f"layers: bad {noun} {item!r} in {what}=[{text}]; expected e.g. {what}=[0-2,29]"
+            ) from None
         if a < 0 or b < a:
-            raise SpecError(f"layers: bad layer range {item!r} in at=[{text}]; expected 0 <= a <= b")
+            raise SpecError(f"layers: bad {noun} range {item!r} in {what}=[{text}]; expected 0 <= a <= b")
         out.update(range(a, b + 1))
     return tuple(sorted(out))
 
@@ -129,17 +137,40 @@ class LayerPlan:
 
     base: CodecConfig
     overrides: tuple[tuple[int, Role, CodecConfig], ...]  # sorted, none equal to the base
+    # (layer, role, KV head, codec): sorted, none equal to what the layer tiers give that head
+    head_overrides: tuple[tuple[int, Role, int, CodecConfig], ...] = ()
 
     @property
     def max_layer(self) -> int:
-        return max((layer for layer, _, _ in self.overrides), default=-1)
+        return max(
+            [layer for layer, _, _ in self.overrides] + [layer for layer, _, _, _ in self.head_overrides],
+            default=-1,
+        )
+
+    @property
+    def max_head(self) -> int:
+        return max((h for _, _, h, _ in self.head_overrides), default=-1)
 
     def configs(self) -> list[CodecConfig]:
         """Every distinct codec the plan names, base first."""
         seen: dict[str, CodecConfig] = {str(self.base): self.base}
         for _, _, cfg in self.overrides:
             seen.setdefault(str(cfg), cfg)
+        for _, _, _, cfg in self.head_overrides:
+            seen.setdefault(str(cfg), cfg)
         return list(seen.values())
+
+    def assign_heads(self, n_layers: int, n_heads: int) -> list[dict[Role, list[CodecConfig]]]:
+        """The codec of each KV head of each role of each layer: the layer's, then its head tiers."""
+        if self.max_head >= n_heads:
+            raise SpecError(
+                f"layers: KV head {self.max_head} is out of range for a model with {n_heads} KV heads "
+                f"(valid: 0-{n_heads - 1})"
+            )
+        out = [{r: [roles[r]] * n_heads for r in _ROLES} for roles in self.assign(n_layers)]
+        for layer, role, head, cfg in self.head_overrides:
+            out[layer][role][head] = cfg
+        return out
 
     def assign(self, n_layers: int) -> list[dict[Role, CodecConfig]]:
         """The codec of each role of each of ``n_layers`` layers."""
@@ -155,6 +186,11 @@ class LayerPlan:
 
     def layer_configs(self, n_layers: int) -> list[CodecConfig]:
         """One codec per layer for both roles (:func:`merge_roles`), as a cache layer holds."""
+        if self.head_overrides:
+            raise SpecError(
+                "layers: heads= tiers are a frontier plan; a cache layer holds one codec for all its "
+                "heads, so give CompressedCache a plan without heads="
+            )
         return [merge_roles(r["key"], r["value"], i) for i, r in enumerate(self.assign(n_layers))]
 
     def __str__(self) -> str:
@@ -169,7 +205,28 @@ class LayerPlan:
         for (k, v), layers in sorted(groups.items(), key=lambda kv: kv[1][0]):
             opts = [f"codec=[{k}]"] if k == v else [f"{n}=[{t}]" for n, t in (("key", k), ("value", v)) if t]
             stages.append(f"{NAME}:at=[{format_layers(layers)}],{','.join(opts)}")
-        return "+".join([*stages, str(self.base)])
+        return "+".join([*stages, *self._head_stages(), str(self.base)])
+
+    def _head_stages(self) -> list[str]:
+        """Head tiers, canonical: one stage per (key, value) pair and head set, over its layers."""
+        pairs: dict[tuple[int, int], dict[Role, CodecConfig]] = {}
+        for layer, role, head, cfg in self.head_overrides:
+            pairs.setdefault((layer, head), {})[role] = cfg
+        by_pair: dict[tuple[str | None, str | None], dict[int, list[int]]] = {}
+        for (layer, head), roles in sorted(pairs.items()):
+            k, v = (_codec_text(roles[r], self.base) if r in roles else None for r in _ROLES)
+            by_pair.setdefault((k, v), {}).setdefault(layer, []).append(head)
+        groups: dict[tuple[str | None, str | None, tuple[int, ...]], list[int]] = {}
+        for (k, v), layers in by_pair.items():
+            for layer, heads in layers.items():
+                groups.setdefault((k, v, tuple(heads)), []).append(layer)
+        stages = []
+        for (k, v, heads), layers in sorted(groups.items(), key=lambda kv: (kv[1][0], kv[0][2])):
+            opts = [f"codec=[{k}]"] if k == v else [f"{n}=[{t}]" for n, t in (("key", k), ("value", v)) if t]
+            stages.append(
+                f"{NAME}:at=[{format_layers(layers)}],heads=[{format_layers(heads)}],{','.join(opts)}"
+            )
+        return stages
 
 
 _RATES = ("b", "n", "kb", "vb")  # the fields that only set a role's rate
@@ -242,23 +299,41 @@ def parse_layer_plan(spec: str) -> LayerPlan:
     if base is None:
         raise SpecError(f"{spec!r} has no base codec; add one, e.g. '{spec}+fibquant:b=2,k=4'")
     given: dict[tuple[int, Role], CodecConfig] = {}
+    heads_given: dict[tuple[int, Role, int], CodecConfig] = {}
     for tier in tiers:
         roles = {"key": tier.codec or tier.key, "value": tier.codec or tier.value}
+        heads = parse_layers(tier.heads, "heads") if tier.heads is not None else None
         for layer in parse_layers(tier.at):
             for role, text in roles.items():
                 if text is None:
                     continue
-                if (layer, role) in given:
-                    raise SpecError(
-                        f"layers: layer {layer} {role}s are given twice in {spec!r}; name each once"
-                    )
-                given[(layer, role)] = _tier_codec(text, base)
+                if heads is None:
+                    if (layer, role) in given:
+                        raise SpecError(
+                            f"layers: layer {layer} {role}s are given twice in {spec!r}; name each once"
+                        )
+                    given[(layer, role)] = _tier_codec(text, base)
+                    continue
+                for head in heads:
+                    if (layer, role, head) in heads_given:
+                        raise SpecError(
+                            f"layers: layer {layer} head {head} {role}s are given twice in {spec!r}; name each once"
+                        )
+                    heads_given[(layer, role, head)] = _tier_codec(text, base)
+    order = {r: i for i, r in enumerate(_ROLES)}
     overrides = tuple(
         (layer, role, cfg)
-        for (layer, role), cfg in sorted(given.items(), key=lambda kv: (kv[0][0], _ROLES.index(kv[0][1])))
+        for (layer, role), cfg in sorted(given.items(), key=lambda kv: (kv[0][0], order[kv[0][1]]))
         if cfg != base
     )
-    return LayerPlan(base, overrides)
+    head_overrides = tuple(
+        (layer, role, head, cfg)
+        for (layer, role, head), cfg in sorted(
+            heads_given.items(), key=lambda kv: (kv[0][0], order[kv[0][1]], kv[0][2])
+        )
+        if cfg != given.get((layer, role), base)
+    )
+    return LayerPlan(base, overrides, head_overrides)
 
 
 def shared_parts(codec: Codec, d: int) -> dict[tuple[Any, ...], int]:
