@@ -263,6 +263,51 @@ def sensitivity(data: dict) -> dict[tuple[str, int], tuple[tuple[float, ...], tu
     return out
 
 
+def head_sensitivity(sens: dict, head_files: list[dict]) -> dict:
+    """Per (role, layer, KV head) curves: the layer's curve times each head's share of its KL.
+
+    Why shares and not a curve per head: heads of one layer differ by up to 20x in KL but decay
+    alike with the rate, and measuring every head at every rate would take 3x the layer runs per
+    rate. A head file (``benchmarks/head_sensitivity.py``) holds, at one rate, the KL with only
+    that head of that role coded; the share is that head's part of the layer's summed head KL (the
+    sum is within ~10% of the whole layer coded at once). With two files for a role the share at
+    each rate of the curve is interpolated in log space between them and held flat beyond.
+    """
+    shares: dict[tuple[str, int], list[tuple[float, list[float]]]] = {}
+    for data in head_files:
+        role, rate = data["role"], _rate(data["codec"])
+        per: dict[int, dict[int, float]] = {}
+        for r in data["rows"]:
+            per.setdefault(r["layer"], {})[r["head"]] = max(r["kl"], 1e-9)
+        for li, heads in per.items():
+            total = sum(heads.values())
+            shares.setdefault((role, li), []).append((rate, [heads[h] / total for h in sorted(heads)]))
+    out = {}
+    for (role, li), curve in sens.items():
+        points = sorted(shares.get((role, li), []))
+        if not points:
+            raise SpecError(
+                f"--heads: no head rows for layer {li} {role}s; measure every layer and both roles"
+            )
+        rates, logs = curve
+        for h in range(len(points[0][1])):
+            shifted = []
+            for b, lg in zip(rates, logs):
+                if len(points) == 1 or b <= points[0][0]:
+                    share = points[0][1][h]
+                elif b >= points[-1][0]:
+                    share = points[-1][1][h]
+                else:
+                    (b0, s0), (b1, s1) = next(
+                        (p, q) for p, q in itertools.pairwise(points) if p[0] <= b <= q[0]
+                    )
+                    t = (b - b0) / (b1 - b0)
+                    share = 2.0 ** ((1 - t) * math.log2(s0[h]) + t * math.log2(s1[h]))
+                shifted.append(lg + math.log2(share))
+            out[(role, li, h)] = (rates, tuple(shifted))
+    return out
+
+
 def curve_kl(curve: tuple[tuple[float, ...], tuple[float, ...]], b: float) -> float:
     """KL at rate ``b`` on a :func:`sensitivity` curve (log-linear, extended at the ends)."""
     rates, logs = curve
@@ -323,6 +368,30 @@ def alloc_spec(alloc: dict, n_layers: int, template: str) -> str:
         if (kb, vb) != base
     ]
     return str(parse_layer_plan("+".join([*parts, template.format(kb=base[0], vb=base[1])])))
+
+
+def alloc_spec_heads(alloc: dict, n_layers: int, template: str) -> str:
+    """Per-head allocation as a plan: each layer's most common (key, value) rate pair as its layer
+    tier, the heads that differ as ``heads=`` tiers (canonicalized by the plan parser)."""
+    from collections import Counter
+
+    from kvshrink.eval.layerwise import parse_layer_plan
+
+    n_heads = 1 + max(h for _, _, h in alloc)
+    layer_alloc, parts = {}, []
+    for li in range(n_layers):
+        for role in ROLES:
+            rates = Counter(alloc[(role, li, h)] for h in range(n_heads))
+            layer_alloc[(role, li)] = max(rates, key=lambda r: (rates[r], r))
+        kb, vb = layer_alloc[("key", li)], layer_alloc[("value", li)]
+        for h in range(n_heads):
+            hk, hv = alloc[("key", li, h)], alloc[("value", li, h)]
+            if hk != kb:
+                parts.append(f"layers:at=[{li}],heads=[{h}],key=[{template.format(kb=hk, vb=vb)}]")
+            if hv != vb:
+                parts.append(f"layers:at=[{li}],heads=[{h}],value=[{template.format(kb=kb, vb=hv)}]")
+    base = alloc_spec(layer_alloc, n_layers, template)
+    return str(parse_layer_plan("+".join([*parts, base])))
 
 
 def code_bits(ratio: float, template: str, d: int, context: int) -> float:
@@ -445,6 +514,12 @@ def main() -> int:
         "earlier one's, e.g. keys re-measured with white=4 over the plain run's values",
     )
     ap.add_argument(
+        "--heads",
+        default="",
+        help="--allocate per KV head: head sensitivity JSONs a,b (benchmarks/head_sensitivity.py; one or "
+        "two rates per role), splitting each layer curve of --sens by the heads' shares",
+    )
+    ap.add_argument(
         "--measure",
         default="",
         help="'spec;spec': run these (per-layer) specs through run_frontier on --windows windows of "
@@ -464,11 +539,16 @@ def main() -> int:
         if data["layers"] != list(range(data["n_layers"])):
             raise SpecError(f"{paths[0]} covers layers {data['layers']}; --allocate needs every layer")
         sens = sensitivity(data)
+        if args.heads:
+            sens = head_sensitivity(sens, [json.loads(Path(p).read_text()) for p in args.heads.split(",")])
         rates = tuple(sorted(float(r) for r in args.rates.split(",")))
         for ratio in args.ratio or [5.6, 7.0]:
             avg = code_bits(ratio, args.template, 64, data["context"])
             alloc = allocate(sens, avg, rates)
-            spec = alloc_spec(alloc, data["n_layers"], args.template)
+            if args.heads:
+                spec = alloc_spec_heads(alloc, data["n_layers"], args.template)
+            else:
+                spec = alloc_spec(alloc, data["n_layers"], args.template)
             pred = sum(curve_kl(c, alloc[t]) for t, c in sens.items())
             print(f"# ~{ratio}x: {avg:.3f} bits/coordinate, predicted summed KL {pred:.4f}\n{spec}")
         return 0
