@@ -126,11 +126,11 @@ def main() -> int:
     cfg = FrontierConfig(context=args.context, windows=args.windows, continuation=args.continuation)
     data = measure(model, ids, args.codec, args.role, cfg)
     data["seconds"] = time.time() - t0
-    stem = Path(args.out) / f"{STEM}-{args.role}-{rate:g}"
-    write_json(stem.with_suffix(".json"), data)
+    stem = f"{STEM}-{args.role}-{rate:g}"  # "value-1.5": not Path.with_suffix, which eats ".5"
+    write_json(Path(args.out) / f"{stem}.json", data)
     from kvshrink.core.atomic import atomic_write
 
-    atomic_write(stem.with_suffix(".md"), markdown(data))
+    atomic_write(Path(args.out) / f"{stem}.md", markdown(data))
     print(markdown(data))
     return 0
 

@@ -237,6 +237,13 @@ def plot(data: dict, path: Path) -> None:
 # -- allocation ------------------------------------------------------------------------------
 
 
+def read_json(path: Path, what: str) -> dict:
+    """A JSON input of ``--allocate``, or a one-line error naming the flag and the missing file."""
+    if not path.is_file():
+        raise SystemExit(f"{what}: no file {path}")
+    return json.loads(path.read_text())
+
+
 def sensitivity(data: dict) -> dict[tuple[str, int], tuple[tuple[float, ...], tuple[float, ...]]]:
     """Per (role, layer): a KL-vs-rate curve, ``(rates, log2 KL)`` at every measured rate.
 
@@ -531,16 +538,16 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     if args.allocate:
         paths = [Path(p) for p in args.sens.split(",") if p.strip()] or [out / f"{STEM}.json"]
-        data = json.loads(paths[0].read_text())
+        data = read_json(paths[0], "--sens")
         for extra in paths[1:]:  # a later file's rows override an earlier one's (same role, layer, rate)
-            more = json.loads(extra.read_text())
+            more = read_json(extra, "--sens")
             data["rows"] = data["rows"] + more["rows"]
             data["codecs"] = list(dict.fromkeys(data["codecs"] + more["codecs"]))
         if data["layers"] != list(range(data["n_layers"])):
             raise SpecError(f"{paths[0]} covers layers {data['layers']}; --allocate needs every layer")
         sens = sensitivity(data)
         if args.heads:
-            sens = head_sensitivity(sens, [json.loads(Path(p).read_text()) for p in args.heads.split(",")])
+            sens = head_sensitivity(sens, [read_json(Path(p), "--heads") for p in args.heads.split(",")])
         rates = tuple(sorted(float(r) for r in args.rates.split(",")))
         for ratio in args.ratio or [5.6, 7.0]:
             avg = code_bits(ratio, args.template, 64, data["context"])
