@@ -28,14 +28,13 @@ import torch
 
 from kvshrink.codecs import make_codec
 from kvshrink.core.errors import SpecError
-from kvshrink.eval.capture import capture
-from kvshrink.eval.frontier import FrontierConfig, _query_positions, window_starts
+from kvshrink.eval.frontier import FrontierConfig
 from kvshrink.eval.methods import code_keys, code_values
 from kvshrink.eval.metrics import token_nll_kl
 from kvshrink.eval.report import write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from layer_sensitivity import _rate, _swap_continue
+from layer_sensitivity import _rate, _swap_continue, captured_windows
 
 STEM = "head-sensitivity-smollm2"
 
@@ -44,15 +43,8 @@ STEM = "head-sensitivity-smollm2"
 def measure(model, ids: torch.Tensor, codec_spec: str, role: str, cfg: FrontierConfig) -> dict:
     codec = make_codec(codec_spec)
     n_layers = model.config.num_hidden_layers
-    q_pos = _query_positions(cfg.context, cfg.n_queries)
     acc: dict[tuple[int, int], list[float]] = {}
-    for start in window_starts(ids.numel(), cfg):
-        win = ids[start : start + cfg.context + cfg.continuation + 1].unsqueeze(0)
-        prefix, cont = win[:, : cfg.context], win[:, cfg.context : cfg.context + cfg.continuation]
-        targets = win[0, cfg.context + 1 :]
-        cap = capture(model, prefix, q_pos, keep_logits="last")
-        held = [(h.keys, h.values) for h in cap.cache.layers]
-        ref = _swap_continue(model, cap.cache, held, cont)
+    for w, (cap, held, cont, targets, ref) in enumerate(captured_windows(model, ids, cfg)):
         for li in range(n_layers):
             layer = cap.layers[li]
             exact = layer.k if role == "key" else layer.v
@@ -63,7 +55,7 @@ def measure(model, ids: torch.Tensor, codec_spec: str, role: str, cfg: FrontierC
                 k, v = (mixed, layer.v) if role == "key" else (layer.k, mixed)
                 logits = _swap_continue(model, cap.cache, held, cont, li, k, v)
                 acc.setdefault((li, h), []).append(float(token_nll_kl(logits, ref, targets)[1].mean()))
-        print(f"window at {start} done", file=sys.stderr, flush=True)
+        print(f"window {w + 1}/{cfg.windows} done", file=sys.stderr, flush=True)
     rows = [
         {"layer": li, "head": h, "kl": statistics.fmean(v), "kl_windows": v}
         for (li, h), v in sorted(acc.items())

@@ -82,19 +82,11 @@ def measure(
     """
     built = {c: make_codec(c) for c in codecs}
     starts = window_starts(ids.numel(), cfg)
-    q_pos = _query_positions(cfg.context, cfg.n_queries)
     keys = [(c, role, li) for c in codecs for role in roles for li in layers]
     acc: dict = {k: {"nll": [], "kl": [], "attn": AttnFidelity(), "err": 0.0, "norm": 0.0} for k in keys}
     base_nll, exact_kl = [], []
     bar = progress(len(starts) * (len(keys) + 2)) if progress else None
-    for start in starts:
-        win = ids[start : start + cfg.context + cfg.continuation + 1].unsqueeze(0)
-        prefix, cont = win[:, : cfg.context], win[:, cfg.context : cfg.context + cfg.continuation]
-        targets = win[0, cfg.context + 1 :]
-        cap = capture(model, prefix, q_pos, keep_logits="last")
-        held = [(h.keys, h.values) for h in cap.cache.layers]
-
-        ref = _swap_continue(model, cap.cache, held, cont)
+    for cap, held, cont, targets, ref in captured_windows(model, ids, cfg):
         base_nll.append(float(token_nll_kl(ref, ref, targets)[0].mean()))
         exact_kl.append(
             float(token_nll_kl(_swap_continue(model, cap.cache, held, cont), ref, targets)[1].mean())
@@ -153,6 +145,18 @@ def measure(
         "layers": list(layers),
         "rows": table,
     }
+
+
+def captured_windows(model, ids: torch.Tensor, cfg: FrontierConfig):
+    """Per window of the frontier harness: its capture (the harness's query positions), the cache's
+    captured tensors to restore from, the continuation, its targets and the exact logits."""
+    q_pos = _query_positions(cfg.context, cfg.n_queries)
+    for start in window_starts(ids.numel(), cfg):
+        win = ids[start : start + cfg.context + cfg.continuation + 1].unsqueeze(0)
+        prefix, cont = win[:, : cfg.context], win[:, cfg.context : cfg.context + cfg.continuation]
+        cap = capture(model, prefix, q_pos, keep_logits="last")
+        held = [(h.keys, h.values) for h in cap.cache.layers]
+        yield cap, held, cont, win[0, cfg.context + 1 :], _swap_continue(model, cap.cache, held, cont)
 
 
 def _swap_continue(model, cache, held, cont, li=None, k=None, v=None) -> torch.Tensor:

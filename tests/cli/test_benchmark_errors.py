@@ -22,7 +22,10 @@ ROOT = Path(__file__).resolve().parents[2]
         (["layer_sensitivity.py", "--roles", "bogus"], "--roles: give key, value or key,value"),  # SpecError
         (["layer_sensitivity.py", "--allocate", "--template", "nosuch:b={kb}"], "unknown codec 'nosuch'"),
         (["layer_sensitivity.py", "--allocate", "--heads", "nosuch.json"], "--heads: no file nosuch.json"),
-        (["head_sensitivity.py", "--role", "both", "--codec", "fibquant:b=2,k=4"], "--role: give key or value"),
+        (
+            ["head_sensitivity.py", "--role", "both", "--codec", "fibquant:b=2,k=4"],
+            "--role: give key or value",
+        ),
         (
             ["longbench_smollm2.py", "--levels", "3"],
             "--levels: expected a subset of [4, 8]",

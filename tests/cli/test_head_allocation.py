@@ -3,26 +3,19 @@ shares, allocated per KV head, written back as a plan with ``heads=`` tiers."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+import torch
 
+from kvshrink.eval.frontier import FrontierConfig
 from kvshrink.eval.layerwise import parse_layer_plan
+from tests.policies.tiny import VOCAB, tiny_llama
 
-ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = "fibquant:b=2,k=4,kb={kb},vb={vb},sinks=1"
 
 
 @pytest.fixture
-def bench():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import layer_sensitivity
-
-        yield layer_sensitivity
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+def bench(bench_module):
+    return bench_module("layer_sensitivity")
 
 
 def _layer_data(n_layers: int) -> dict:
@@ -76,3 +69,25 @@ def test_sensitive_heads_get_the_bits_and_the_plan_says_so(bench) -> None:
     for (role, li, h), b in alloc.items():
         cfg = got[li][role][h]
         assert ((cfg.kb if role == "key" else cfg.vb) or cfg.b) == b
+
+
+def test_head_rows_measure_one_head_each_and_exact_heads_cost_nothing(bench_module) -> None:
+    heads = bench_module("head_sensitivity")
+    model = tiny_llama(layers=2)
+    ids = torch.randint(0, VOCAB, (200,), generator=torch.Generator().manual_seed(0))
+    cfg = FrontierConfig(context=64, windows=2, continuation=16, n_queries=8)
+    lossy = heads.measure(model, ids, "fibquant:b=1,k=4", "key", cfg)
+    assert [(r["layer"], r["head"]) for r in lossy["rows"]] == [(li, h) for li in range(2) for h in range(2)]
+    assert all(r["kl"] > 0 and len(r["kl_windows"]) == 2 for r in lossy["rows"])
+    exact = heads.measure(model, ids, "fp16", "value", cfg)  # fp16 of fp32 values: a tiny error
+    assert max(r["kl"] for r in exact["rows"]) < 1e-4 * min(r["kl"] for r in lossy["rows"]) + 1e-9
+    assert "| 0 |" in heads.markdown(lossy)
+
+
+def test_layer_rows_restore_the_cache_between_rows(bench) -> None:
+    model = tiny_llama(layers=2)
+    ids = torch.randint(0, VOCAB, (200,), generator=torch.Generator().manual_seed(0))
+    cfg = FrontierConfig(context=64, windows=2, continuation=16, n_queries=8)
+    data = bench.measure(model, ids, (0, 1), ["fibquant:b=1.5,k=4"], cfg)
+    assert data["floor"]["kl"] < 1e-9  # nothing coded: the restored cache gives the exact logits
+    assert len(data["rows"]) == 4 and all(r["kl"] > 0 for r in data["rows"])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,14 +15,8 @@ SAVED = ROOT / "docs" / "results" / "longbench-smollm2-needle8x.json"
 
 
 @pytest.fixture
-def bench():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import longbench_smollm2
-
-        yield longbench_smollm2
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+def bench(bench_module):
+    return bench_module("longbench_smollm2")
 
 
 def _copy_with_row(src: dict, name: str, acc: float, ratio: float) -> dict:
