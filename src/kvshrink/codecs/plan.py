@@ -12,9 +12,11 @@ it on listed layers, for both roles or for keys or values only::
 (``layers:at=[3],heads=[0],key=[fibquant:b=3,k=4]``): heads of one layer differ as much as layers
 do (one SmolLM2 layer's key heads span 20x in KL, ``benchmarks/head_sensitivity.py``). Head tiers
 override the layer tiers on their heads; the frontier applies them, while a cache layer holds one
-codec, so ``CompressedCache`` refuses a plan with head tiers (:meth:`LayerPlan.layer_configs`). Stages may come in any order; the canonical form puts the tiers first (grouped by
-layer, one tier per distinct key/value pair) and the base codec last, like a policy before its
-codec, so a harness that appends ``,seed=N`` to a spec re-seeds the base codec. A tier codec
+codec, so ``CompressedCache`` refuses a plan with head tiers (:meth:`LayerPlan.layer_configs`).
+
+Stages may come in any order; the canonical form puts the tiers first (grouped by layer, one
+tier per distinct key/value pair, head tiers after layer tiers) and the base codec last, like a
+policy before its codec, so a harness that appends ``,seed=N`` to a spec re-seeds the base codec. A tier codec
 without its own ``seed`` takes the base codec's: one rotation seed per cache, so seed sweeps move
 every layer. A (layer, role) named by two tiers, a layer past the model's last, or an unknown
 codec is a one-line :class:`SpecError`.
