@@ -7,8 +7,9 @@ harness's windows, queries and metrics (a head's codes are the same coded alone 
 layer: every per-head quantity, ``white=`` included, is fitted per head).
 
 The JSON (``head-sensitivity-smollm2-<role>-<rate>.json``) feeds
-``layer_sensitivity.py --allocate --heads``, which splits each layer's KL-vs-rate curve by the
-heads' shares. The plan measured for issue 4 (two rates per role, run as two processes)::
+``layer_sensitivity.py --allocate --heads``: with files at three or more rates of a role each head
+gets its own KL-vs-rate curve, with fewer each layer's curve is split by its heads' shares. The
+first plan measured for issue 4 (two rates per role, run as two processes)::
 
     PYTHONPATH=src python benchmarks/head_sensitivity.py --role key --codec "fibquant:b=2,k=4,sinks=1,prerope=1,white=4"
     PYTHONPATH=src python benchmarks/head_sensitivity.py --role key --codec "fibquant:b=3,k=4,sinks=1,prerope=1,white=4"

@@ -260,30 +260,35 @@ def sensitivity(data: dict) -> dict[tuple[str, int], tuple[tuple[float, ...], tu
     out = {}
     for role in ROLES:
         for li in range(data["n_layers"]):
-            kl = {
-                _rate(r["codec"]): max(r["kl"], 1e-7)
-                for r in data["rows"]
-                if r["role"] == role and r["layer"] == li
-            }
-            rates = sorted(kl)
-            logs = [math.log2(kl[rates[0]])]
-            for a, b in itertools.pairwise(rates):
-                slope = (math.log2(kl[a]) - math.log2(kl[b])) / (b - a)
-                logs.append(logs[-1] - min(max(slope, 1.0), 3.0) * (b - a))
-            out[(role, li)] = (tuple(rates), tuple(logs))
+            kl = {_rate(r["codec"]): r["kl"] for r in data["rows"] if r["role"] == role and r["layer"] == li}
+            out[(role, li)] = kl_curve(kl)
     return out
 
 
-def head_sensitivity(sens: dict, head_files: list[dict]) -> dict:
-    """Per (role, layer, KV head) curves: the layer's curve times each head's share of its KL.
+def kl_curve(kl: dict[float, float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``{rate: KL}`` -> ``(rates, log2 KL)`` with each segment's decay clamped (:func:`sensitivity`)."""
+    rates = sorted(kl)
+    logs = [math.log2(max(kl[rates[0]], 1e-7))]
+    for a, b in itertools.pairwise(rates):
+        slope = (math.log2(max(kl[a], 1e-7)) - math.log2(max(kl[b], 1e-7))) / (b - a)
+        logs.append(logs[-1] - min(max(slope, 1.0), 3.0) * (b - a))
+    return tuple(rates), tuple(logs)
 
-    Why shares and not a curve per head: heads of one layer differ by up to 20x in KL but decay
-    alike with the rate, and measuring every head at every rate would take 3x the layer runs per
-    rate. A head file (``benchmarks/head_sensitivity.py``) holds, at one rate, the KL with only
-    that head of that role coded; the share is that head's part of the layer's summed head KL (the
-    sum is within ~10% of the whole layer coded at once). With two files for a role the share at
-    each rate of the curve is interpolated in log space between them and held flat beyond.
+
+def head_sensitivity(sens: dict, head_files: list[dict], own_curve: int = 3) -> dict:
+    """Per (role, layer, KV head) KL-vs-rate curves, from head files (``benchmarks/head_sensitivity.py``:
+    at one rate, the KL with only that head of that role coded).
+
+    With head rows at ``own_curve`` or more rates for a role, each head gets its own curve
+    (:func:`kl_curve`, as a layer does). With fewer, the layer's curve is split by each head's share
+    of the layer's summed head KL (the sum is within ~10% of the whole layer coded at once): heads
+    of one layer differ by up to 25x in KL but decay much alike. With two rates the share at each
+    rate of the layer curve is interpolated in log space between them and held flat beyond.
     """
+    rows: dict[tuple[str, int, int], dict[float, float]] = {}
+    for data in head_files:
+        for r in data["rows"]:
+            rows.setdefault((data["role"], r["layer"], r["head"]), {})[_rate(data["codec"])] = r["kl"]
     shares: dict[tuple[str, int], list[tuple[float, list[float]]]] = {}
     for data in head_files:
         role, rate = data["role"], _rate(data["codec"])
@@ -300,6 +305,10 @@ def head_sensitivity(sens: dict, head_files: list[dict]) -> dict:
             raise SpecError(
                 f"--heads: no head rows for layer {li} {role}s; measure every layer and both roles"
             )
+        if len(points) >= own_curve:
+            for h in range(len(points[0][1])):
+                out[(role, li, h)] = kl_curve(rows[(role, li, h)])
+            continue
         rates, logs = curve
         for h in range(len(points[0][1])):
             shifted = []

@@ -91,3 +91,21 @@ def test_layer_rows_restore_the_cache_between_rows(bench) -> None:
     data = bench.measure(model, ids, (0, 1), ["fibquant:b=1.5,k=4"], cfg)
     assert data["floor"]["kl"] < 1e-9  # nothing coded: the restored cache gives the exact logits
     assert len(data["rows"]) == 4 and all(r["kl"] > 0 for r in data["rows"])
+
+
+def test_three_rates_give_each_head_its_own_curve(bench) -> None:
+    sens = bench.sensitivity(_layer_data(1))
+    files = [
+        _heads(role, b, {0: [0.1 * 2.0 ** (-s * b), 0.1 * 2.0 ** (-2 * b)]})
+        for role in ("key", "value")
+        for b in (1.0, 2.0, 3.0)
+        for s in [1.5 if role == "key" else 2.5]
+    ]
+    heads = bench.head_sensitivity(sens, files)
+    # head 0 of the keys decays at 1.5 bits of log2 KL per bit, head 1 at 2: not the layer's slope
+    for h, slope in ((0, 1.5), (1, 2.0)):
+        rates, logs = heads[("key", 0, h)]
+        assert rates == (1.0, 2.0, 3.0)
+        assert logs[0] - logs[1] == pytest.approx(slope)
+    rates, logs = heads[("value", 0, 0)]
+    assert logs[0] - logs[1] == pytest.approx(2.5)
