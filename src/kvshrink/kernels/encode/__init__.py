@@ -31,7 +31,7 @@ def encode_vq(
     mma: bool | None = None,
     keyed: bool | None = None,
     block: int | None = None,
-    num_warps: int = 8,
+    num_warps: int | None = None,
     maxnreg: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode ``x`` [B, Hkv, T, d] with ``codec``'s rotation and ``role`` codebook.

@@ -265,7 +265,7 @@ def encode_vq_triton(
     norm_out: torch.Tensor,
     start: torch.Tensor,
     block: int | None = None,
-    num_warps: int = 8,
+    num_warps: int | None = None,
     mma: bool | None = None,
     padded: torch.Tensor | None = None,
     bn: int = 64,
@@ -285,6 +285,9 @@ def encode_vq_triton(
     cn2 = (cb * cb).sum(-1) if cn2 is None else cn2  # [N] ‖c‖² (callers cache it)
     use_mma, use_keyed = resolve_search(layout, d, mma, keyed)
     block = block or 32  # for the tensor-core search: the fastest of an H100 sweep at k=8 (BN=64, 8 warps)
+    # the CUDA-core loop at 4 warps: 2.47 ms vs 3.28 at 8 for fibquant:b=2,k=4, 32k tokens (H100,
+    # benchmarks/encode_sweep.py, docs/results/decode-attention-encode-regs-sweep-h100.json)
+    num_warps = num_warps or (8 if use_mma else 4)
     cp = cb  # unused by the loop
     if use_mma:
         assert mma_supported(layout, d) and layout.levels >= bn, f"no tensor-core search for {layout}"
