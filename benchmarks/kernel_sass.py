@@ -178,7 +178,7 @@ def main() -> None:
                 mma=cfg.get("mma"),
                 keyed=cfg.get("keyed"),
                 block=cfg.get("block"),
-                num_warps=cfg.get("num_warps", 8),
+                num_warps=cfg.get("num_warps"),  # None: the launch encode_vq would pick
                 maxnreg=cfg.get("maxnreg"),
             )
         else:

@@ -285,44 +285,40 @@ def head_sensitivity(sens: dict, head_files: list[dict], own_curve: int = 3) -> 
     of one layer differ by up to 25x in KL but decay much alike. With two rates the share at each
     rate of the layer curve is interpolated in log space between them and held flat beyond.
     """
-    rows: dict[tuple[str, int, int], dict[float, float]] = {}
+    rows: dict[tuple[str, int, int], dict[float, float]] = {}  # (role, layer, head) -> {rate: KL}
     for data in head_files:
         for r in data["rows"]:
             rows.setdefault((data["role"], r["layer"], r["head"]), {})[_rate(data["codec"])] = r["kl"]
-    shares: dict[tuple[str, int], list[tuple[float, list[float]]]] = {}
-    for data in head_files:
-        role, rate = data["role"], _rate(data["codec"])
-        per: dict[int, dict[int, float]] = {}
-        for r in data["rows"]:
-            per.setdefault(r["layer"], {})[r["head"]] = max(r["kl"], 1e-9)
-        for li, heads in per.items():
-            total = sum(heads.values())
-            shares.setdefault((role, li), []).append((rate, [heads[h] / total for h in sorted(heads)]))
     out = {}
     for (role, li), curve in sens.items():
-        points = sorted(shares.get((role, li), []))
-        if not points:
+        heads = sorted(h for r, layer, h in rows if r == role and layer == li)
+        if not heads:
             raise SpecError(
                 f"--heads: no head rows for layer {li} {role}s; measure every layer and both roles"
             )
-        if len(points) >= own_curve:
-            for h in range(len(points[0][1])):
+        measured = sorted(rows[(role, li, heads[0])])
+        if len(measured) >= own_curve:
+            for h in heads:
                 out[(role, li, h)] = kl_curve(rows[(role, li, h)])
             continue
+        points = []  # (rate, each head's share of the layer's summed head KL at that rate)
+        for b in measured:
+            kls = [max(rows[(role, li, h)][b], 1e-9) for h in heads]
+            points.append((b, [x / sum(kls) for x in kls]))
         rates, logs = curve
-        for h in range(len(points[0][1])):
+        for i, h in enumerate(heads):
             shifted = []
             for b, lg in zip(rates, logs):
                 if len(points) == 1 or b <= points[0][0]:
-                    share = points[0][1][h]
+                    share = points[0][1][i]
                 elif b >= points[-1][0]:
-                    share = points[-1][1][h]
+                    share = points[-1][1][i]
                 else:
                     (b0, s0), (b1, s1) = next(
                         (p, q) for p, q in itertools.pairwise(points) if p[0] <= b <= q[0]
                     )
                     t = (b - b0) / (b1 - b0)
-                    share = 2.0 ** ((1 - t) * math.log2(s0[h]) + t * math.log2(s1[h]))
+                    share = 2.0 ** ((1 - t) * math.log2(s0[i]) + t * math.log2(s1[i]))
                 shifted.append(lg + math.log2(share))
             out[(role, li, h)] = (rates, tuple(shifted))
     return out
