@@ -18,6 +18,8 @@ ROTATED_SPECS = [
     "fibquant:b=0.5,k=8",
     "fibquant:k=6,n=7,pad=1",
     "fibquant:b=2,k=2,kb=3,vb=1.5,center=1,sinks=4,window=32",
+    "fibquant:b=1.75,k=4,pca=3,pcabits=4,sinks=1",
+    "turboquant:b=2,pca=2,center=1,window=8",
 ]
 
 

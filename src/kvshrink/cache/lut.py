@@ -94,6 +94,7 @@ def _eligible(codec: Codec) -> bool:
         hasattr(codec, "decode_rotated")
         and not getattr(cfg, "prerope", False)
         and not getattr(cfg, "center", False)
+        and not getattr(cfg, "pca", 0)
         and getattr(codec, "extra_bits", 1) == 0
         and getattr(codec, "k", 1) >= 2  # scalar codebooks: d lookups per token lost to decoding
     )

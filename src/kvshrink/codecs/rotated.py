@@ -10,7 +10,8 @@ fp16 (attention sinks and the recent window matter most), ``center`` subtracts a
 key mean over tokens before normalizing (keys share a large common direction that otherwise
 eats the rate; softmax ignores the q·μ shift it adds back), ``white=r`` codes keys through a
 rank-r transform fitted to the queries that will read them (:mod:`.primitives.whiten`; encode
-then needs ``queries=``), and separate key/value rates.
+then needs ``queries=``), ``pca=r`` codes each key's coefficients along its head's top r
+directions apart at ``pcabits`` bits (:mod:`.primitives.principal`), and separate key/value rates.
 
 Packed layout (fixed; the attention kernels depend on it), for input ``[..., T, d]``:
 
@@ -22,6 +23,9 @@ Packed layout (fixed; the attention kernels depend on it), for input ``[..., T, 
   ``sinks`` fp16 ``[..., S, d]`` and ``window`` fp16 ``[..., W, d]`` (present whenever the option
   is > 0, possibly with 0 rows), ``wu`` fp16 ``[..., r, d]`` and ``ws`` fp16 ``[..., r]`` (keys with
   ``white=r``: x is coded as A·x, A = I + wuᵀ diag(ws) wu, the mean and norm taken after A),
+  ``pu`` fp16 ``[..., r, d]``, ``ps`` fp16 ``[..., r]`` and ``pc`` int8 ``[..., Tc, r]`` (keys with
+  ``pca=r``: the coefficients along ``pu`` taken out after A and before the mean; ``r/2`` bytes
+  per token at ``pcabits=4``),
   and TurboQuant's ``qjl``/``rnorm`` (see :mod:`.turboquant`).
   Token order is sinks, coded, window: T = S + Tc + W.
 - ``meta``: ``k``, ``n`` (N), ``blocks`` (ceil(d/k)), ``pad`` (zeros appended to y), ``bits``
@@ -45,7 +49,7 @@ import torch
 
 from ..core.errors import InputError, SpecError
 from .base import Codec, Packed, Role
-from .primitives import whiten
+from .primitives import principal, whiten
 from .primitives.mixed_radix import index_row_bytes, pack_indices, radix_layout, unpack_indices
 from .primitives.rotation import ROTATIONS, Rotation, make_rotation
 
@@ -53,7 +57,7 @@ __all__ = ["RotatedCodec", "check_common", "decode_lnorm", "encode_lnorm", "stor
 
 _FP16_MAX = 65504.0
 _SCORE_BYTES = 4 << 20  # [rows, N] scores per encode chunk: cache-sized chunks ran 2x faster than 64 MB
-_PER_TOKEN = ("codes", "norm", "lnorm", "qjl", "rnorm")  # coded tensors with one row per coded token
+_PER_TOKEN = ("codes", "norm", "lnorm", "qjl", "rnorm", "pc")  # coded tensors with one row per coded token
 # normbits=8: a norm n is stored as round(8·log2 n) + 128 in a uint8, i.e. 1/8-octave steps over
 # 2^-15.9 .. 2^15.9 (about fp16's normal range): at most 4.4% relative error, about 2.6% RMS, which adds
 # about 2% to the squared error of a 3-bit code and saves 8 bits a vector (0.125 bit/coordinate
@@ -97,6 +101,12 @@ def check_common(cfg: Any) -> None:
         )
     if not 0.0 < cfg.wshrink <= 10.0:
         raise SpecError(f"{cfg.name}: wshrink must be in (0, 10], got {cfg.wshrink:g}")
+    if not 0 <= getattr(cfg, "pca", 0) <= 64:
+        raise SpecError(f"{cfg.name}: pca (key directions coded apart) must be in 0..64, got {cfg.pca}")
+    if getattr(cfg, "pcabits", 8) not in principal.BITS:
+        raise SpecError(
+            f"{cfg.name}: pcabits must be one of {', '.join(map(str, principal.BITS))}, got {cfg.pcabits}"
+        )
     if cfg.normbits not in (8, 16):
         raise SpecError(
             f"{cfg.name}: normbits must be 16 (fp16 norms) or 8 (log-coded norms), got {cfg.normbits}"
@@ -275,6 +285,12 @@ class RotatedCodec(Codec):
             u, sv = whiten.fit(queries, r if tc else x, c.white, c.wshrink)
             tensors["wu"], tensors["ws"] = u, sv
             r = whiten.apply(whiten.matrix(u, sv), r)
+        if getattr(c, "pca", 0) and role == "key":  # top directions apart (primitives.principal)
+            if c.pca >= d:
+                raise InputError(f"{self.spec}: pca={c.pca} must be below the head dim {d}")
+            pu = principal.fit(r if tc else x, c.pca)
+            r, tensors["ps"], tensors["pc"] = principal.split(r, pu, c.pcabits)
+            tensors["pu"] = pu
         mean = None
         if c.center and role == "key":
             mean = r.mean(dim=-2, keepdim=True) if tc else torch.zeros(*lead, 1, d, device=x.device)
@@ -354,9 +370,11 @@ class RotatedCodec(Codec):
             y = self._coded(packed, None)
             mean = tz.get("mean")
             if rotated:
-                return y if mean is None else y + rot.apply(mean)
+                y = y if mean is None else y + rot.apply(mean)
+                return self._principal(packed, y, None, rot)
             y = rot.apply_t(y, exact=True)
             y = y if mean is None else y + mean
+            y = self._principal(packed, y, None)
             return y if white is None else whiten.apply(white, y)
         is_sink, is_win = index < s, index >= s + tc
         is_code = ~(is_sink | is_win)
@@ -366,9 +384,11 @@ class RotatedCodec(Codec):
             mean = tz.get("mean")
             if rotated:
                 y = y if mean is None else y + rot.apply(mean)
+                y = self._principal(packed, y, None if rows is None else index[is_code] - s, rot)
             else:
                 y = rot.apply_t(y, exact=True)  # bitwise the same for any subset of rows
                 y = y if mean is None else y + mean
+                y = self._principal(packed, y, None if rows is None else index[is_code] - s)
                 y = y if white is None else whiten.apply(white, y)
             out[..., is_code, :] = y
         for name, mask, start in (("sinks", is_sink, 0), ("window", is_win, s + tc)):
@@ -376,6 +396,18 @@ class RotatedCodec(Codec):
                 v = tz[name].index_select(len(lead), index[mask] - start).to(torch.float32)
                 out[..., mask, :] = rot.apply(v) if rotated else v
         return out
+
+    def _principal(
+        self, packed: Packed, y: torch.Tensor, rows: torch.Tensor | None, rot: Rotation | None = None
+    ) -> torch.Tensor:
+        """``y`` plus the coded rows' part along the stored key directions (``pca=``), if any
+        (rotated by ``rot`` for a decode in the rotated basis)."""
+        tz = packed.tensors
+        if "pu" not in tz:
+            return y
+        pc = tz["pc"] if rows is None else tz["pc"].index_select(len(packed.shape) - 2, rows)
+        part = principal.decode(tz["pu"], tz["ps"], pc, self.config.pcabits)
+        return y + (part if rot is None else rot.apply(part))
 
     def _decode(self, packed: Packed) -> torch.Tensor:
         return self._assemble(packed, None, rotated=False)

@@ -54,6 +54,8 @@ class TurboQuantConfig(CodecConfig):
     prerope: bool = False
     white: int = 0  # rank of the query-aware key transform (0: off; see primitives.whiten)
     wshrink: float = 0.1
+    pca: int = 0  # key directions whose coefficients are coded apart (0: off; see primitives.principal)
+    pcabits: int = 8  # bits per such coefficient (4 or 8)
     normbits: int = 16  # stored vector norm: 16 (fp16) or 8 (log2 code, 1/8 octave; see rotated)
 
     def __post_init__(self) -> None:
