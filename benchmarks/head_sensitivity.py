@@ -119,7 +119,10 @@ def main() -> int:
     cfg = FrontierConfig(context=args.context, windows=args.windows, continuation=args.continuation)
     data = measure(model, ids, args.codec, args.role, cfg)
     data["seconds"] = time.time() - t0
-    stem = f"{STEM}-{args.role}-{rate:g}"  # "value-1.5": not Path.with_suffix, which eats ".5"
+    # "value-1.5": not Path.with_suffix, which eats ".5"; keys with directions apart (pca=) are
+    # named by the bits they cost, "key-pca-2" for b=1.75 + 16 bits of coefficients
+    tag = "-pca" if "pca=" in args.codec else ""
+    stem = f"{STEM}-{args.role}{tag}-{rate:g}"
     write_json(Path(args.out) / f"{stem}.json", data)
     from kvshrink.core.atomic import atomic_write
 

@@ -334,10 +334,14 @@ def curve_kl(curve: tuple[tuple[float, ...], tuple[float, ...]], b: float) -> fl
     return 2.0 ** (logs[i] - slope * (b - rates[i]))
 
 
-def _rate(codec: str) -> float:
+def _rate(codec: str, d: int = 64) -> float:
+    """Bits per coordinate the allocator charges for ``codec``'s keys: ``b``, plus the
+    coefficients of ``pca=r`` directions (``r·pcabits/d``; SmolLM2's d = 64), which a key tier
+    pays for with a lower ``kb`` (``frontier_smollm2.keys_apart``)."""
     from kvshrink.core.spec import parse_stage
 
-    return float(dict(parse_stage(codec).options)["b"])
+    opts = dict(parse_stage(codec).options)
+    return float(opts["b"]) + int(opts.get("pca", 0)) * int(opts.get("pcabits", 8)) / d
 
 
 def allocate(sens: dict, avg_bits: float, rates: tuple[float, ...]) -> dict[tuple[str, int], float]:
