@@ -78,7 +78,9 @@ def test_compensation_equals_attention_with_copies_of_the_mean(spec: str) -> Non
         ref = reference(qn, keys, vals, allowed, 0.125).transpose(1, 2)
         layer.update(kn, vn)
         out = layer.attend(qn, 0.125, None, False)
-        assert torch.allclose(out, ref, atol=1e-5)
+        # fp32 sums in another order (outputs up to ~5: differences up to 4e-5 seen with
+        # transformers 5.25); one copy of the mean fewer moves them by 9e-3 or more (measured)
+        assert torch.allclose(out, ref, atol=1e-4)
         dropped_k.append(kh[0, 0, oldest][None])
         dropped_v.append(vh[0, 0, oldest][None])
     assert layer.comp is not None and float(layer.comp.count[0, 1]) == 0  # retrieval head dropped nothing
