@@ -107,7 +107,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.role not in ("key", "value"):
         raise SpecError(f"--role: give key or value (got {args.role!r})")
-    make_codec(args.codec)  # fail before the model loads
+    codec = make_codec(args.codec)  # fail before the model loads
     rate = _rate(args.codec)
     torch.set_num_threads(args.threads)
     from kvshrink.data import load_text
@@ -121,7 +121,7 @@ def main() -> int:
     data["seconds"] = time.time() - t0
     # "value-1.5": not Path.with_suffix, which eats ".5"; keys with directions apart (pca=) are
     # named by the bits they cost, "key-pca-2" for b=1.75 + 16 bits of coefficients
-    tag = "-pca" if "pca=" in args.codec else ""
+    tag = "-pca" if getattr(codec.config, "pca", 0) else ""
     stem = f"{STEM}-{args.role}{tag}-{rate:g}"
     write_json(Path(args.out) / f"{stem}.json", data)
     from kvshrink.core.atomic import atomic_write

@@ -30,6 +30,7 @@ from kvshrink.core.errors import SpecError
 from kvshrink.eval.capture import capture
 from kvshrink.eval.frontier import _query_positions
 from kvshrink.eval.methods import code_keys
+from kvshrink.eval.metrics import _visible
 from kvshrink.eval.report import write_json
 
 STEM = "key-coding-screen-smollm2"
@@ -50,13 +51,11 @@ def layer_kls(cap_layer, ctx: int, n_prompt: int, specs: list[str]) -> dict[str,
     )
     qc = lay.q[:, :, n_prompt:].float()
     g = qc.shape[1] // lay.k.shape[1]
-    total = lay.k.shape[2]
-    pos = lay.q_pos[n_prompt:]
-    future = torch.arange(total)[None, :] > pos[:, None]
+    hidden = ~_visible(lay.q_pos[n_prompt:], lay.k.shape[2], lay.sliding_window)  # the harness's mask
 
     def logp(k: torch.Tensor) -> torch.Tensor:
         s = (qc @ k.repeat_interleave(g, 1).transpose(-1, -2)) * lay.scaling
-        return torch.log_softmax(s.masked_fill(future, float("-inf")), -1)
+        return torch.log_softmax(s.masked_fill(hidden, float("-inf")), -1)
 
     ref = logp(lay.k.float())
     out = {}

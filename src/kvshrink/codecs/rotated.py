@@ -57,7 +57,9 @@ __all__ = ["RotatedCodec", "check_common", "decode_lnorm", "encode_lnorm", "stor
 
 _FP16_MAX = 65504.0
 _SCORE_BYTES = 4 << 20  # [rows, N] scores per encode chunk: cache-sized chunks ran 2x faster than 64 MB
-_PER_TOKEN = ("codes", "norm", "lnorm", "qjl", "rnorm", "pc")  # coded tensors with one row per coded token
+# coded tensors with one row per coded token, selected together by _coded; pca's ``pc`` has one too
+# but is read by _principal, and its block's ``pu``/``ps`` keep such a Packed from being joined
+_PER_TOKEN = ("codes", "norm", "lnorm", "qjl", "rnorm")
 # normbits=8: a norm n is stored as round(8·log2 n) + 128 in a uint8, i.e. 1/8-octave steps over
 # 2^-15.9 .. 2^15.9 (about fp16's normal range): at most 4.4% relative error, about 2.6% RMS, which adds
 # about 2% to the squared error of a 3-bit code and saves 8 bits a vector (0.125 bit/coordinate
